@@ -1,0 +1,1 @@
+"""Confidence calibration: prompts, parsing, rewards, metrics, plots (numpy only, no torch)."""

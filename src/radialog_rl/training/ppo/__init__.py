@@ -1,0 +1,1 @@
+"""Multimodal PPO: config, rollout, pure loss math, trainer, checkpoints."""
