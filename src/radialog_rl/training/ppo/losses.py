@@ -1,0 +1,495 @@
+"""Pure PPO math for language models: masked statistics, log-probs, KL, rewards, GAE and the losses.
+
+Every function here is pure: tensors in, tensors out, no model and no trainer state. The tensors are
+per *response token*: ``[B, T]`` where row ``b`` holds one sampled response (or the response slice of
+query ⊕ response) and ``mask`` ``[B, T]`` (bool, int or float holding 0/1) marks the positions that
+are generated tokens. Masks may be right-aligned (trailing padding after EOS) or left-aligned
+(leading zeros); positions where the mask is 0 may hold anything, even NaN, and never leak into a
+result.
+
+References
+----------
+* Huang et al., "The N Implementation Details of RLHF with PPO" (2023/2024), and the legacy (≤0.11)
+  TRL ``PPOTrainer`` step that it describes: per-token KL rewards, score on the last token, GAE with
+  gamma=1 / lambda=0.95, whitened advantages, clipped policy and value losses.
+* Schulman et al., "Proximal Policy Optimization Algorithms" (2017): the clipped surrogate.
+* Schulman et al., "High-Dimensional Continuous Control Using Generalized Advantage Estimation"
+  (2016): GAE.
+* Schulman, "Approximating KL Divergence" (blog note, 2020): the k1/k2/k3 estimators.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+#: Token positions per chunk in :func:`gather_logprobs` / :func:`entropy_from_logits`. With a
+#: 32k vocabulary one chunk is 256 x 32000 x 4 B = 33 MB of fp32 temporaries.
+DEFAULT_CHUNK_SIZE = 256
+
+KL_KINDS = ("k1", "abs", "mse", "k3")
+
+
+# ---------------------------------------------------------------------------------------------
+# Masked statistics
+# ---------------------------------------------------------------------------------------------
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean of ``x`` over the positions where ``mask`` is non-zero.
+
+    Args:
+        x: ``[B, T]`` (any shape broadcastable with ``mask``), floating point.
+        mask: same shape, bool/int/float 0/1.
+        dim: reduce over this dimension only (e.g. ``1`` gives a per-row mean ``[B]``); ``None``
+            reduces over every element.
+
+    Returns:
+        A 0-dim tensor (``dim=None``) or the reduced tensor. An empty mask (or a row with no
+        masked element when ``dim`` is given) yields NaN (0/0): that is deliberate, so a bug that
+        produces an empty response shows up instead of silently becoming 0.
+    """
+    m = mask.bool()
+    # torch.where instead of x * mask: masked-out positions may hold inf/NaN (0 * inf = NaN).
+    total = torch.where(m, x, torch.zeros((), dtype=x.dtype, device=x.device))
+    if dim is None:
+        return total.sum() / m.sum()
+    return total.sum(dim) / m.sum(dim)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    """Variance of ``x`` over all masked elements (the whole batch), as a 0-dim tensor.
+
+    The biased variance ``mean((x - mean)^2)`` is computed over the masked elements; with
+    ``unbiased=True`` it is multiplied by the Bessel factor ``n / (n - 1)`` where ``n = mask.sum()``,
+    exactly as the legacy TRL ``masked_var`` does.
+
+    Raises:
+        ValueError: if the mask is empty, or holds a single element with ``unbiased=True`` (the
+            Bessel factor would divide by zero). This reads ``n`` on the host (one sync).
+    """
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    n = int(mask.bool().sum().item())
+    if n == 0:
+        raise ValueError("masked_var: the mask selects no element")
+    if unbiased:
+        if n < 2:
+            raise ValueError("masked_var: the unbiased variance needs at least 2 masked elements")
+        var = var * (n / (n - 1))
+    return var
+
+
+def masked_whiten(
+    x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8
+) -> torch.Tensor:
+    """Whiten ``x`` with the mean and (unbiased) variance of all its masked elements.
+
+    Used for the advantages (Huang et al. detail: whiten over the whole batch, not per row).
+
+    Args:
+        x: ``[B, T]`` floating point.
+        mask: ``[B, T]`` 0/1.
+        shift_mean: ``True`` returns ``(x - mean) / sqrt(var + eps)`` (zero mean, unit variance).
+            ``False`` keeps the original mean: ``(x - mean) / sqrt(var + eps) + mean`` (legacy TRL
+            semantics: only the spread is rescaled).
+        eps: added to the variance before the square root.
+
+    Returns:
+        ``[B, T]`` with masked-out positions set to 0.
+
+    Raises:
+        ValueError: fewer than 2 masked elements (see :func:`masked_var`).
+    """
+    mean = masked_mean(x, mask)
+    var = masked_var(x, mask, unbiased=True)
+    whitened = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        whitened = whitened + mean
+    return torch.where(mask.bool(), whitened, torch.zeros_like(whitened))
+
+
+# ---------------------------------------------------------------------------------------------
+# Log-probs and entropy without a full fp32 log-softmax
+# ---------------------------------------------------------------------------------------------
+
+
+def _chunks(batch: int, length: int, chunk_size: int):
+    """Yield ``(b, t0, t1)`` covering every token position of a ``[batch, length]`` grid."""
+    for b in range(batch):
+        for t0 in range(0, length, chunk_size):
+            yield b, t0, min(t0 + chunk_size, length)
+
+
+class _ChunkedTokenLogProb(torch.autograd.Function):
+    """``log softmax(logits / T)[token]`` computed chunk by chunk, forward *and* backward.
+
+    Why a custom autograd function: a plain chunked loop would still let autograd keep every
+    chunk's fp32 copy for the backward pass (``logsumexp`` saves its input), i.e. the full fp32
+    ``[B, T, V]`` tensor we set out to avoid. Here the forward saves only the original logits (the
+    same storage the model already holds), the tokens and the fp32 ``logsumexp`` ``[B, T]``; the
+    backward recomputes ``softmax`` one chunk at a time and writes ``(onehot - softmax) / T`` into a
+    single gradient tensor of the logits' own dtype.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, logits, tokens, temperature, chunk_size):  # type: ignore[override]
+        batch, length, _ = logits.shape
+        out = torch.empty(batch, length, dtype=torch.float32, device=logits.device)
+        lse = torch.empty_like(out)
+        for b, t0, t1 in _chunks(batch, length, chunk_size):
+            z = logits[b, t0:t1].float() / temperature  # [c, V] fp32, one chunk only
+            lse[b, t0:t1] = torch.logsumexp(z, dim=-1)
+            chosen = z.gather(-1, tokens[b, t0:t1, None]).squeeze(-1)
+            out[b, t0:t1] = chosen - lse[b, t0:t1]
+        ctx.save_for_backward(logits, tokens, lse)
+        ctx.temperature, ctx.chunk_size = temperature, chunk_size
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out):  # type: ignore[override]
+        logits, tokens, lse = ctx.saved_tensors
+        temperature, chunk_size = ctx.temperature, ctx.chunk_size
+        grad = torch.empty_like(logits)
+        batch, length, _ = logits.shape
+        for b, t0, t1 in _chunks(batch, length, chunk_size):
+            g = grad_out[b, t0:t1].float()  # [c]
+            probs = torch.exp(logits[b, t0:t1].float() / temperature - lse[b, t0:t1, None])
+            chunk_grad = -probs * g[:, None]  # d logp_k / d z_j = 1[j=k] - p_j
+            chunk_grad.scatter_add_(-1, tokens[b, t0:t1, None], g[:, None])
+            grad[b, t0:t1] = (chunk_grad / temperature).to(logits.dtype)
+        return grad, None, None, None
+
+
+def _check_chunking(temperature: float, chunk_size: int) -> None:
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+
+
+def gather_logprobs(
+    logits: torch.Tensor,
+    tokens: torch.Tensor,
+    temperature: float = 1.0,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> torch.Tensor:
+    """Log-probabilities of the chosen tokens under ``softmax(logits / temperature)``.
+
+    Args:
+        logits: ``[B, T, V]`` in any floating dtype (bf16/fp16/fp32); position ``t`` must already be
+            the logit that *predicts* ``tokens[:, t]`` (i.e. the caller shifted by one).
+        tokens: ``[B, T]`` integer ids in ``[0, V)``. Masked-out positions must still hold a valid id
+            (e.g. the pad id); their log-prob is computed and should be masked by the caller.
+        temperature: the sampling temperature (Huang et al. detail: divide in every pass).
+        chunk_size: token positions processed at once.
+
+    Returns:
+        ``[B, T]`` float32, differentiable w.r.t. ``logits``.
+
+    Memory: a full-vocabulary fp32 log-softmax of the batch would be ``B*T*V*4`` bytes (12 x 350 x
+    32000 x 4 B = 540 MB, plus as much again for autograd). We only need the chosen entry, which
+    equals ``z[token] - logsumexp(z)``, so each chunk of ``chunk_size`` positions is cast to fp32,
+    reduced to its logsumexp and freed before the next; the backward pass is chunked too (see
+    ``_ChunkedTokenLogProb``). Reference: Huang et al. / legacy TRL ``logprobs_from_logits``,
+    rewritten for memory.
+    """
+    _check_chunking(temperature, chunk_size)
+    if logits.dim() != 3 or tokens.shape != logits.shape[:2]:
+        raise ValueError(f"expected logits [B,T,V] and tokens [B,T], got {tuple(logits.shape)} "
+                         f"and {tuple(tokens.shape)}")
+    return _ChunkedTokenLogProb.apply(logits, tokens.long(), float(temperature), int(chunk_size))
+
+
+@torch.no_grad()
+def entropy_from_logits(
+    logits: torch.Tensor, temperature: float = 1.0, chunk_size: int = DEFAULT_CHUNK_SIZE
+) -> torch.Tensor:
+    """Entropy ``-sum_v p_v log p_v`` of ``softmax(logits / temperature)`` at every position.
+
+    Args:
+        logits: ``[B, T, V]`` any floating dtype.
+        temperature: sampling temperature (> 0).
+        chunk_size: token positions per fp32 chunk (memory: see :func:`gather_logprobs`).
+
+    Returns:
+        ``[B, T]`` float32, **detached** (a diagnostic, as in legacy TRL's ``entropy`` stat; it is
+        not meant as a differentiable bonus). Mask it with :func:`masked_mean`.
+    """
+    _check_chunking(temperature, chunk_size)
+    batch, length, _ = logits.shape
+    out = torch.empty(batch, length, dtype=torch.float32, device=logits.device)
+    for b, t0, t1 in _chunks(batch, length, chunk_size):
+        logp = torch.log_softmax(logits[b, t0:t1].float() / temperature, dim=-1)
+        out[b, t0:t1] = -(logp.exp() * logp).sum(-1)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# KL and rewards
+# ---------------------------------------------------------------------------------------------
+
+
+def per_token_kl(
+    logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = "k1"
+) -> torch.Tensor:
+    """Per-token estimate of ``KL(policy || reference)`` from the sampled tokens' log-probs.
+
+    Args:
+        logprobs, ref_logprobs: ``[B, T]`` log-probs of the sampled tokens under policy / reference.
+        kind: ``"k1"``: ``logp - ref`` (unbiased, can be negative; the legacy TRL default);
+            ``"abs"``: ``|logp - ref|``; ``"mse"``: ``0.5 * (logp - ref)^2`` (Schulman's k2);
+            ``"k3"``: ``exp(ref - logp) - 1 - (ref - logp)`` (Schulman's k3: unbiased and >= 0).
+
+    Returns:
+        ``[B, T]``, unmasked (mask it yourself or use :func:`compute_token_rewards`).
+
+    Raises:
+        ValueError: unknown ``kind``.
+    """
+    diff = logprobs - ref_logprobs
+    if kind == "k1":
+        return diff
+    if kind == "abs":
+        return diff.abs()
+    if kind == "mse":
+        return 0.5 * diff.square()
+    if kind == "k3":
+        return torch.expm1(-diff) + diff  # exp(r) - 1 - r with r = ref - logp; expm1 for precision
+    raise ValueError(f"unknown KL kind {kind!r}; expected one of {KL_KINDS}")
+
+
+def last_token_mask(mask: torch.Tensor) -> torch.Tensor:
+    """``[B, T]`` bool: True only at the last position of each row where ``mask`` is non-zero.
+
+    Works for right-aligned, left-aligned and gapped masks; a row with no masked position is all
+    False.
+    """
+    m = mask.bool()
+    positions = torch.arange(m.shape[-1], device=m.device).expand_as(m)
+    last = torch.where(m, positions, torch.full_like(positions, -1)).amax(dim=-1, keepdim=True)
+    return (positions == last) & m
+
+
+def compute_token_rewards(
+    scores: torch.Tensor,
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    beta: float | torch.Tensor,
+    kl_kind: str = "k1",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token PPO rewards: a KL penalty on every response token plus the score on the last one.
+
+    ``reward_t = -beta * kl_t`` on response tokens, and the row's task score is added on the last
+    position where ``mask`` is 1 (Ziegler et al. 2019; Huang et al. detail; legacy TRL
+    ``compute_rewards``).
+
+    Args:
+        scores: ``[B]`` task scores (after any normalisation, clipping or no-EOS penalty).
+        logprobs, ref_logprobs: ``[B, T]`` sampled-token log-probs under the rollout policy and the
+            reference model.
+        mask: ``[B, T]`` response mask (left- or right-aligned).
+        beta: KL coefficient (e.g. ``AdaptiveKLController.value``).
+        kl_kind: see :func:`per_token_kl`.
+
+    Returns:
+        ``(rewards, non_score_rewards, kl)``, each ``[B, T]`` with 0 at masked-out positions;
+        ``non_score_rewards = -beta * kl`` and ``rewards = non_score_rewards + score on the last
+        token``. All detached.
+    """
+    m = mask.bool()
+    zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
+    kl = torch.where(m, per_token_kl(logprobs.detach(), ref_logprobs.detach(), kl_kind), zero)
+    non_score = -beta * kl
+    last = last_token_mask(m)
+    rewards = non_score + torch.where(last, scores.detach().to(kl.dtype)[:, None], zero)
+    return rewards, non_score, kl
+
+
+# ---------------------------------------------------------------------------------------------
+# Advantages
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def gae(
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over the response tokens (Schulman et al. 2016).
+
+    ``delta_t = r_t + gamma * V_next - V_t`` and ``A_t = delta_t + gamma * lam * A_next``, where
+    "next" is the next position *with mask 1* in the same row: positions with mask 0 are skipped
+    (they contribute nothing and receive 0), so leading zeros (left alignment), trailing padding and
+    even gaps are handled. The episode ends at the last response token: the value after it is 0.
+
+    Args:
+        rewards: ``[B, T]`` per-token rewards (:func:`compute_token_rewards`).
+        values: ``[B, T]`` value estimates from the rollout (old) value head.
+        mask: ``[B, T]`` response mask.
+        gamma: discount (1.0 for LM PPO).
+        lam: GAE lambda (0.95).
+
+    Returns:
+        ``(advantages, returns)``, each ``[B, T]``, detached, 0 at masked-out positions;
+        ``returns = advantages + values`` computed *before* any whitening (whiten the advantages
+        afterwards with :func:`masked_whiten`; the returns stay as they are).
+    """
+    m = mask.bool()
+    # Accumulate in fp32 at least (fp64 if given): a bf16 value head must not round the recursion.
+    dtype = torch.float64 if torch.float64 in (rewards.dtype, values.dtype) else torch.float32
+    rewards, values = rewards.detach().to(dtype), values.detach().to(dtype)
+    advantages = torch.zeros_like(rewards)
+    next_value = torch.zeros_like(rewards[:, 0])
+    next_adv = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        adv = delta + gamma * lam * next_adv
+        valid = m[:, t]
+        advantages[:, t] = torch.where(valid, adv, torch.zeros_like(adv))
+        # At a skipped position the running "next" quantities are carried through unchanged.
+        next_value = torch.where(valid, values[:, t], next_value)
+        next_adv = torch.where(valid, adv, next_adv)
+    returns = torch.where(m, advantages + values, torch.zeros_like(values))
+    return advantages, returns
+
+
+# ---------------------------------------------------------------------------------------------
+# Losses and diagnostics
+# ---------------------------------------------------------------------------------------------
+
+
+def policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_range: float = 0.2,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PPO clipped surrogate loss (Schulman et al. 2017), averaged over all masked tokens.
+
+    ``loss = masked_mean(max(-A * r, -A * clip(r, 1 - eps, 1 + eps)))`` with
+    ``r = exp(logprobs - old_logprobs)``.
+
+    Args:
+        logprobs: ``[B, T]`` current policy log-probs (with grad).
+        old_logprobs: ``[B, T]`` rollout log-probs (treated as constants).
+        advantages: ``[B, T]`` (usually whitened; treated as constants).
+        mask: ``[B, T]`` response mask.
+        clip_range: ``eps``.
+
+    Returns:
+        ``(loss, clip_frac, approx_kl, ratio_mean)``, 0-dim tensors; only ``loss`` carries grad.
+        ``clip_frac``: fraction of masked tokens where the clipped term is strictly larger (those
+        tokens get no gradient). ``approx_kl = 0.5 * masked_mean((logp - old)^2)`` (Schulman's k2,
+        as legacy TRL logs it; k3 ``masked_mean((r - 1) - log r)`` is an unbiased alternative).
+        ``ratio_mean``: masked mean of ``r``.
+    """
+    old_logprobs, advantages = old_logprobs.detach(), advantages.detach()
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    with torch.no_grad():
+        clip_frac = masked_mean((clipped > unclipped).float(), mask)
+        approx_kl = 0.5 * masked_mean(log_ratio.square(), mask)
+        ratio_mean = masked_mean(ratio, mask)
+    return loss, clip_frac, approx_kl, ratio_mean
+
+
+def value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    clip_range_value: float = 0.2,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clipped value loss ``0.5 * masked_mean(max((v - R)^2, (clip(v, v_old ± c) - R)^2))``.
+
+    Follows legacy TRL / Huang et al. (the ``vf_coef`` weighting is the caller's).
+
+    Args:
+        values: ``[B, T]`` current value head output (with grad).
+        old_values: ``[B, T]`` rollout values (constants).
+        returns: ``[B, T]`` GAE returns (constants).
+        mask: ``[B, T]`` response mask.
+        clip_range_value: ``c``.
+
+    Returns:
+        ``(loss, clip_frac)``: 0-dim tensors; ``clip_frac`` is the fraction of masked tokens where
+        the clipped error is strictly larger.
+    """
+    old_values, returns = old_values.detach(), returns.detach()
+    c = clip_range_value
+    clipped_values = torch.clamp(values, old_values - c, old_values + c)
+    err = (values - returns).square()
+    err_clipped = (clipped_values - returns).square()
+    loss = 0.5 * masked_mean(torch.maximum(err, err_clipped), mask)
+    with torch.no_grad():
+        clip_frac = masked_mean((err_clipped > err).float(), mask)
+    return loss, clip_frac
+
+
+@torch.no_grad()
+def explained_variance(
+    values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """``1 - Var(R - v) / Var(R)`` over the masked tokens (a value-head diagnostic).
+
+    Both variances are biased (the Bessel factors would cancel). 1 is perfect, 0 is no better
+    than predicting the mean, negative is worse.
+
+    Returns:
+        0-dim float tensor. **Choice:** when ``Var(R) == 0`` the ratio is undefined and 0.0 is
+        returned (rather than NaN/inf), so logs and NaN guards stay clean.
+    """
+    var_returns = masked_var(returns, mask, unbiased=False)
+    if var_returns.item() == 0.0:
+        return torch.zeros((), dtype=var_returns.dtype, device=var_returns.device)
+    return 1.0 - masked_var(returns - values, mask, unbiased=False) / var_returns
+
+
+# ---------------------------------------------------------------------------------------------
+# Response masks
+# ---------------------------------------------------------------------------------------------
+
+
+def response_mask_from_eos(
+    response_ids: torch.Tensor, eos_token_id: int, pad_token_id: int | None = None
+) -> torch.Tensor:
+    """Mask of the real response tokens: from the first generated token through the first EOS.
+
+    Args:
+        response_ids: ``[B, T]`` the generated ids only (right-padded, as ``generate`` returns them
+            after slicing off the prompt).
+        eos_token_id: the EOS id; the first EOS is *included* (it is a sampled action), everything
+            after it is excluded. A row without EOS is all ones (it hit ``max_new_tokens``).
+        pad_token_id: if given and different from ``eos_token_id``, the response also ends just
+            before the first pad token (generation stopped by another criterion and ``generate``
+            padded the finished row). Ignored when equal to ``eos_token_id``.
+
+    Returns:
+        ``[B, T]`` ``torch.long`` 0/1 (the dtype of an HF ``attention_mask``, so it concatenates
+        with the prompt's), right-aligned.
+    """
+    is_eos = (response_ids == eos_token_id).long()
+    # Number of EOS strictly before t; > 0 means the first EOS is behind us.
+    eos_before = torch.cumsum(is_eos, dim=-1) - is_eos
+    mask = eos_before == 0
+    if pad_token_id is not None and pad_token_id != eos_token_id:
+        mask &= torch.cumsum((response_ids == pad_token_id).long(), dim=-1) == 0
+    return mask.long()
+
+
+def has_eos(response_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
+    """``[B]`` bool: whether each row of ``response_ids`` ``[B, T]`` contains ``eos_token_id``.
+
+    For the optional penalty on responses that never terminate (Huang et al. detail).
+    """
+    return (response_ids == eos_token_id).any(dim=-1)
