@@ -29,6 +29,37 @@ _EXPORTS: dict[str, str] = {
     "report_prompt": "radialog_rl.data.prompts",
     "build_prompt": "radialog_rl.data.prompts",
     "render_conversation": "radialog_rl.data.prompts",
+    "format_findings": "radialog_rl.data.prompts",
+    # model
+    "LlavaLlamaConfig": "radialog_rl.modeling.llava",
+    "LlavaLlamaForCausalLM": "radialog_rl.modeling.llava",
+    "expand_image_tokens": "radialog_rl.modeling.llava",
+    "BioViLConfig": "radialog_rl.modeling.biovil",
+    "BioViLTImageEncoder": "radialog_rl.modeling.biovil",
+    "build_mm_projector": "radialog_rl.modeling.projector",
+    # loading (each step of the baseline loader is public)
+    "load_baseline_llava_model_with_vision_modules": "radialog_rl.loading.release",
+    "load_llava_config": "radialog_rl.loading.release",
+    "reset_mm_projector_to_fix_wrong_shape": "radialog_rl.loading.release",
+    "load_non_lora_trainables": "radialog_rl.loading.release",
+    "merge_llm_with_vision_tower": "radialog_rl.loading.release",
+    "load_biovil_t_state_dict": "radialog_rl.loading.release",
+    "modify_model_for_image_input": "radialog_rl.loading.release",
+    "LoadingInfo": "radialog_rl.loading.release",
+    "load_tensor_file": "radialog_rl.loading.files",
+    "resolve_model_dir": "radialog_rl.loading.files",
+    "load_state_dict_checked": "radialog_rl.loading.keys",
+    "KeyReport": "radialog_rl.loading.keys",
+    "precision_spec": "radialog_rl.loading.precision",
+    # tokenizer
+    "load_pretrained_text_only_llava_tokenizer": "radialog_rl.loading.tokenizer",
+    "load_pretrained_llava_tokenizer_with_image_support": "radialog_rl.loading.tokenizer",
+    "modify_tokenizer_for_image_input": "radialog_rl.loading.tokenizer",
+    "tokenizer_image_token": "radialog_rl.loading.tokenizer",
+    "batch_tokenize_image_prompts": "radialog_rl.loading.tokenizer",
+    # tiny release for tests and demos
+    "make_tiny_release": "radialog_rl.testing.tiny",
+    "TinyRelease": "radialog_rl.testing.tiny",
 }
 
 

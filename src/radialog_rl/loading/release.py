@@ -23,6 +23,7 @@ import contextlib
 import json
 import logging
 import os
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -376,6 +377,12 @@ def _from_pretrained(base_dir: Path, config: LlavaLlamaConfig, spec, device_map)
         # accounts for every key and explains the expected ones, so silence the duplicate.
         with _transformers_verbosity_error():
             return LlavaLlamaForCausalLM.from_pretrained(str(base_dir), **kwargs)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"cannot load base LLaVA weights from {base_dir}: a weight file is not a plain tensor "
+            "file (loading it would run Python code; weights_only=True refused it). Only use files "
+            "from sources you trust, and prefer safetensors"
+        ) from exc
     except (OSError, RuntimeError, ValueError) as exc:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"cannot load base LLaVA weights from {base_dir}: {message}") from exc
