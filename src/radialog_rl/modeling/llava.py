@@ -166,6 +166,9 @@ def expand_image_tokens(
         needs expanding.
     """
     rows_runs = [_image_runs(row) for row in input_ids]
+    for runs in rows_runs:
+        for _, length in runs:
+            _images_in_run(length, num_image_tokens)  # validates every run's length
     if all(length != 1 or num_image_tokens == 1 for runs in rows_runs for _, length in runs):
         if labels is not None:
             labels = labels.masked_fill(input_ids == IMAGE_TOKEN_INDEX, IGNORE_INDEX)
@@ -185,7 +188,6 @@ def expand_image_tokens(
         lab = labels[b, keep] if labels is not None else None
         pieces_ids, pieces_lab, pos = [], [], 0
         for start, length in _image_runs(ids):
-            _images_in_run(length, num_image_tokens)  # validates the run length
             reps = num_image_tokens if length == 1 else length
             pieces_ids += [ids[pos:start], ids.new_full((reps,), IMAGE_TOKEN_INDEX)]
             if lab is not None:
