@@ -306,7 +306,7 @@ def make_tiny_release(out_dir: str | os.PathLike, seed: int = 0, overwrite: bool
     # RaDialog: config, old-PEFT adapter, non-LoRA trainables (projector + fine-tuned tower).
     (release.model_path / "config.json").write_text(json.dumps(_radialog_config(), indent=2))
     (release.model_path / "adapter_config.json").write_text(
-        json.dumps(_adapter_config(str(release.model_base)), indent=2)
+        json.dumps(_adapter_config(release.model_base.name), indent=2)
     )
     torch.save({k: v.to(torch.bfloat16) for k, v in _adapter_state(gen).items()},
                release.model_path / "adapter_model.bin")
