@@ -47,7 +47,7 @@ from radialog_rl.modeling.projector import build_mm_projector, projector_input_d
 
 logger = logging.getLogger(__name__)
 
-NON_LORA_FILES = ("non_lora_trainables.safetensors", "non_lora_trainables.bin")
+NON_LORA_FILES = ("non_lora_trainables.safetensors", "non_lora_trainables.bin")  # merged dirs: safetensors
 BIOVIL_T_FILE = "biovil_t_image_model_proj_size_128.pt"
 #: Buffers that old checkpoints carry and the model recomputes (LLaMA rotary frequencies).
 RECOMPUTED_BUFFERS = ("*rotary_emb.inv_freq", "*rotary_emb.original_inv_freq")
