@@ -112,8 +112,6 @@ class LlavaWithValueHead(nn.Module):
         )
         hidden = self._last_hidden
         self._last_hidden = None
-        if kwargs.get("use_cache") and hidden is not None and hidden.shape[1] != out.logits.shape[1]:
-            hidden = hidden[:, -out.logits.shape[1]:]
         values = self.v_head(hidden).float()
         return ValueHeadOutput(logits=out.logits, values=values, loss=getattr(out, "loss", None))
 

@@ -1,0 +1,180 @@
+"""``PPOConfig``: every knob of the multimodal PPO trainer, defaulting to the published RaDialog
+calibration run (``shared/reference/ppo-and-calibration.md`` §A: TRL-0.5-era PPO with batch 12,
+minibatch 4, gradient accumulation 3, one PPO epoch, Adam lr 1e-5, adaptive KL from 0.05 with
+target 6 and horizon 10000, clip ranges 0.2, vf_coef 0.1, gamma 1, lambda 0.95, whitened
+advantages, no gradient clipping; sampling top_k 0, top_p 1, temperature 1, 50 new tokens).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from radialog_rl.errors import ConfigError
+
+ENTRY_POINTS = ("radialog_lora", "fresh_lora")
+
+
+@dataclass
+class PPOConfig:
+    """Configuration of :class:`~radialog_rl.training.ppo.trainer.PPOTrainer`.
+
+    Model loading
+        entry_point: "radialog_lora" = RaDialog + its LoRA as the starting policy, reference = a
+            frozen copy of that adapter (``load_pretrained_llava_model_for_ppo_training``);
+            "fresh_lora" = a merged SFT directory + fresh LoRA, reference = adapter disabled
+            (``load_pretrained_llava_model_for_ppo_training_with_fresh_lora_adapters``).
+        model_path / model_base: RaDialog release and base LLaVA (radialog_lora).
+        llava_model_path: merged SFT directory (fresh_lora).
+        adapter_path / value_head_path: start from a saved adapter / value head.
+        precision: "16bit", "8bit" or "4bit"; dtype: compute dtype ("bf16", "fp16", "fp32").
+        lora_r / lora_alpha: size of a fresh adapter (fresh_lora only; default RaDialog's 128/256).
+    Data
+        train_file: JSONL with ``image`` (path, relative to the file), ``prompt`` (the user
+            message; ``<image>`` is prepended when absent) and any label fields the reward reads.
+        chat_template: wrap prompts in RaDialog's conversation template.
+        image_size / image_resize: preprocessing crop and resize (default from the model config).
+    Reward
+        reward: a built-in name (``binary_qa_loglik``, ``report_loglik``, ``quadratic_blend``) or
+            ``module:function``; reward_params: its keyword arguments.
+    """
+
+    # model
+    entry_point: str = "radialog_lora"
+    model_path: str | None = None
+    model_base: str | None = None
+    llava_model_path: str | None = None
+    adapter_path: str | None = None
+    value_head_path: str | None = None
+    precision: str = "16bit"
+    dtype: str | None = None
+    device: str | None = None
+    gradient_checkpointing: bool = False
+    lora_r: int | None = None
+    lora_alpha: int | None = None
+    # data
+    train_file: str | None = None
+    chat_template: bool = True
+    image_size: int | None = None
+    image_resize: int | None = None
+    # reward
+    reward: str = "binary_qa_loglik"
+    reward_params: dict[str, Any] = field(default_factory=dict)
+    # batch sizes (per process)
+    batch_size: int = 12
+    mini_batch_size: int = 4
+    gradient_accumulation_steps: int = 3
+    forward_batch_size: int | None = None  # no-grad passes; default mini_batch_size
+    ppo_epochs: int = 1
+    # optimisation
+    learning_rate: float = 1e-5
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    weight_decay: float = 0.0
+    lr_scheduler: str = "constant"  # any transformers.get_scheduler name
+    warmup_steps: int = 0
+    max_grad_norm: float | None = None
+    # PPO
+    steps: int = 1000
+    cliprange: float = 0.2
+    cliprange_value: float = 0.2
+    vf_coef: float = 0.1
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_advantages: bool = True
+    init_kl_coef: float = 0.05
+    adaptive_kl: bool = True
+    kl_target: float = 6.0
+    kl_horizon: int = 10000
+    kl_estimator: str = "k1"  # k1 | abs | mse | k3
+    early_stopping: bool = False
+    target_kl: float = 1.0  # early stop when approx KL > 1.5 * target_kl
+    score_normalization: bool = False  # divide scores by their running std
+    score_clip: float | None = None
+    no_eos_penalty: float | None = None  # subtracted from the score of responses without EOS
+    # sampling
+    max_new_tokens: int = 50
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    # run
+    seed: int = 0
+    output_dir: str = "runs/ppo"
+    save_every: int = 50
+    keep_checkpoints: int | None = 3
+    resume_from: str | None = None  # a checkpoint dir, or "latest"
+    log_every: int = 1
+    tensorboard: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.adam_betas, list):
+            self.adam_betas = tuple(self.adam_betas)
+        self.validate()
+
+    def validate(self) -> None:
+        if self.entry_point not in ENTRY_POINTS:
+            raise ConfigError(f"entry_point must be one of {ENTRY_POINTS}, got {self.entry_point!r}")
+        if self.entry_point == "fresh_lora" and not self.llava_model_path:
+            raise ConfigError("entry_point 'fresh_lora' needs llava_model_path (a merged SFT directory)")
+        if self.batch_size % self.mini_batch_size:
+            raise ConfigError(
+                f"batch_size ({self.batch_size}) must be a multiple of mini_batch_size ({self.mini_batch_size})"
+            )
+        for name in ("batch_size", "mini_batch_size", "gradient_accumulation_steps", "ppo_epochs",
+                     "max_new_tokens", "steps", "save_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1")
+        if self.temperature <= 0:
+            raise ConfigError("temperature must be > 0 (PPO samples from the policy)")
+        if self.kl_estimator not in ("k1", "abs", "mse", "k3"):
+            raise ConfigError(f"kl_estimator must be k1, abs, mse or k3, got {self.kl_estimator!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], base_dir: str | os.PathLike | None = None) -> PPOConfig:
+        """Build from a dict (e.g. YAML); unknown keys are an error; relative paths resolve
+        against ``base_dir`` (the YAML file's folder)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown PPO config keys: {', '.join(unknown)}")
+        data = dict(data)
+        if base_dir is not None:
+            for key in ("model_path", "model_base", "llava_model_path", "adapter_path", "value_head_path",
+                        "train_file", "output_dir", "resume_from"):
+                data[key] = resolve_config_path(data.get(key), base_dir, always=key == "output_dir")
+        return cls(**data)
+
+
+def resolve_config_path(value: Any, base_dir: str | os.PathLike, always: bool = False) -> Any:
+    """A relative path in a config file means "relative to the file": resolve it when it exists
+    there, starts with ``./``/``../``, or ``always``; anything else (a hub id like
+    ``owner/name``, "latest") is returned unchanged."""
+    if not isinstance(value, str) or not value or Path(value).is_absolute() or value == "latest":
+        return value
+    candidate = Path(base_dir) / value
+    if always or value.startswith(("./", "../")) or candidate.exists():
+        return str(candidate.resolve())
+    return value
+
+
+def load_ppo_config(path: str | os.PathLike, **overrides) -> PPOConfig:
+    """Read a YAML file (top-level keys = :class:`PPOConfig` fields); ``overrides`` win."""
+    import yaml
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"PPO config not found: {path}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of PPO config keys")
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return PPOConfig.from_dict(data, base_dir=path.parent)

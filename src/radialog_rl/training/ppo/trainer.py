@@ -1,0 +1,489 @@
+"""Multimodal PPO for a LoRA LLaVA policy with a shared-trunk value head, on ``accelerate``.
+
+One :meth:`PPOTrainer.step`, top to bottom (Huang et al. 2024, "The N Implementation Details of
+RLHF with PPO"; ``shared/reference/ppo-and-calibration.md`` §A):
+
+1. **rollout**: take ``batch_size`` rows, load images, compute image features ONCE (tower and
+   projector are frozen), sample responses with left-padded prompts; the sampled ids are the
+   response, masked from the first generated token through EOS.
+2. **score**: the reward sees the rows and decoded responses and returns one score per sample (and
+   optionally a character span to optimise); NaN/inf stops the step with the samples named.
+3. **old log-probs, values, reference log-probs**: no-grad passes over the same minibatches the
+   first epoch trains on (so the first ratio is exactly 1), logits divided by the temperature,
+   only the chosen tokens' log-probs computed; the reference runs on the same network
+   (``reference_policy()``: adapter disabled or its frozen copy).
+4. **advantages**: per-token reward ``-beta * KL`` plus the score on the last optimised token; GAE
+   (gamma, lambda); advantages whitened over the batch.
+5. **train**: ``ppo_epochs`` passes over shuffled minibatches, clipped policy and value losses,
+   gradient accumulation, optional clipping and KL early stop; then the KL controller update.
+
+The math lives in :mod:`.losses`, :mod:`.kl_control`, :mod:`.running_moments`; checkpoints in
+:mod:`.state`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from radialog_rl.errors import ConfigError
+from radialog_rl.training.ppo import losses as L
+from radialog_rl.training.ppo.config import PPOConfig
+from radialog_rl.training.ppo.kl_control import make_kl_controller
+from radialog_rl.training.ppo.rollout import (
+    EpochSampler,
+    PromptRow,
+    check_scores,
+    load_prompt_jsonl,
+    span_token_mask,
+    user_message,
+)
+from radialog_rl.training.ppo.running_moments import RunningMoments, clip_scores, normalize_scores
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Rollout:
+    """One batch of experience (all tensors on the training device, rows = samples).
+
+    ``input_ids``/``attention_mask`` ``[B, Tq + Tr]`` hold the image-expanded, left-padded query
+    followed by the right-padded response; ``response_ids`` ``[B, Tr]``; ``mask`` ``[B, Tr]`` the
+    tokens that are optimised (response through EOS, restricted to the reward's span, zero for
+    skipped samples); ``image_features`` ``[B, N_img, hidden]``.
+    """
+
+    rows: list[PromptRow]
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    response_ids: torch.Tensor
+    mask: torch.Tensor
+    image_features: torch.Tensor
+    scores: torch.Tensor
+    raw_scores: torch.Tensor
+    valid: torch.Tensor
+    texts: list[str]
+    has_eos: torch.Tensor
+    reward_output: object = None
+    generation_logprobs: torch.Tensor | None = None
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def query_length(self) -> int:
+        return self.input_ids.shape[1] - self.response_ids.shape[1]
+
+
+def build_ppo_model(config: PPOConfig, device: str | torch.device | None = None):
+    """Load the policy + value head (+ reference) named by ``config.entry_point``."""
+    from radialog_rl.loading.adapters import (
+        load_pretrained_llava_model_for_ppo_training,
+        load_pretrained_llava_model_for_ppo_training_with_fresh_lora_adapters,
+        radialog_lora_config,
+    )
+
+    device = device or config.device
+    if config.entry_point == "radialog_lora":
+        return load_pretrained_llava_model_for_ppo_training(
+            device, config.precision, config.adapter_path, model_path=config.model_path,
+            model_base=config.model_base, value_head_path=config.value_head_path, dtype=config.dtype,
+            gradient_checkpointing=config.gradient_checkpointing,
+        )
+    lora = None
+    if config.lora_r or config.lora_alpha:
+        r = config.lora_r or 128
+        lora = radialog_lora_config(r=r, lora_alpha=config.lora_alpha or 2 * r)
+    return load_pretrained_llava_model_for_ppo_training_with_fresh_lora_adapters(
+        config.llava_model_path, device, config.precision, config.adapter_path,
+        value_head_path=config.value_head_path, dtype=config.dtype, lora_config=lora,
+        gradient_checkpointing=config.gradient_checkpointing,
+    )
+
+
+class PPOTrainer:
+    """PPO on image+text prompts. See the module docstring for one step; ``train()`` runs
+    ``config.steps`` of them with metrics, checkpoints and resume.
+
+    Args:
+        config: :class:`PPOConfig`.
+        model: a ``LlavaWithValueHead`` with a reference (built from ``config`` when None).
+        tokenizer: defaults to ``model.tokenizer``.
+        reward_fn: ``(rows' fields, responses) -> RewardOutput | list[float]``; default from
+            ``config.reward``.
+        rows: the prompts (default ``config.train_file``).
+        accelerator: an ``accelerate.Accelerator`` (created when None).
+    """
+
+    def __init__(self, config: PPOConfig, model=None, tokenizer=None, reward_fn=None,
+                 rows: list[PromptRow] | None = None, accelerator=None):
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        self.config = config
+        self.accelerator = accelerator or Accelerator()
+        set_seed(config.seed + self.accelerator.process_index)  # different samples per process
+        if model is None:
+            model = build_ppo_model(config, device=self.accelerator.device)
+        if model.reference_mode is None:
+            raise ConfigError("the PPO model has no reference policy; build it with a PPO entry point")
+        self.tokenizer = tokenizer or model.tokenizer
+        if reward_fn is None:
+            from radialog_rl.calibration.rewards import load_reward
+
+            reward_fn = load_reward(config.reward, **config.reward_params)
+        self.reward_fn = reward_fn
+        if rows is None:
+            if not config.train_file:
+                raise ConfigError("no PPO data: set train_file in the config")
+            rows = load_prompt_jsonl(config.train_file)
+        self.rows = rows
+        model.eval()  # dropout off in every pass (detail 8); gradients still flow
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=config.learning_rate, betas=config.adam_betas,
+                                      eps=config.adam_eps, weight_decay=config.weight_decay)
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        from transformers import get_scheduler
+
+        updates = config.steps * config.ppo_epochs * self._optimizer_steps_per_epoch()
+        # Not passed to accelerator.prepare: it would step the schedule once per process.
+        self.scheduler = get_scheduler(config.lr_scheduler, self.optimizer,
+                                       num_warmup_steps=config.warmup_steps, num_training_steps=updates)
+        self.kl_ctl = make_kl_controller(config.adaptive_kl, config.init_kl_coef, config.kl_target, config.kl_horizon)
+        self.score_moments = RunningMoments()
+        self.sampler = EpochSampler(len(rows), config.seed, self.accelerator.process_index,
+                                    self.accelerator.num_processes)
+        self.step_count = 0
+        self.record_generation_logprobs = False  # tests: keep the sampler's own log-probs
+        self.vision_calls = 0
+        self.output_dir = Path(config.output_dir)
+        self._writer = None
+        llava = self.unwrapped.llava
+        self.image_size = config.image_size or llava.config.image_size
+        self.image_resize = config.image_resize or round(self.image_size * 512 / 448)
+        llava.model.vision_tower.register_forward_hook(self._count_vision_call)
+        if config.resume_from:
+            from radialog_rl.training.ppo.state import find_checkpoint, load_checkpoint
+
+            load_checkpoint(self, find_checkpoint(config.resume_from, self.output_dir))
+
+    # -- helpers ------------------------------------------------------------------------------------
+    @property
+    def unwrapped(self):
+        return self.accelerator.unwrap_model(self.model)
+
+    def _count_vision_call(self, *_):
+        self.vision_calls += 1
+
+    def _optimizer_steps_per_epoch(self) -> int:
+        minibatches = self.config.batch_size // self.config.mini_batch_size
+        return -(-minibatches // self.config.gradient_accumulation_steps)
+
+    @property
+    def pad_token_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return pad if pad is not None else self.tokenizer.eos_token_id
+
+    # -- 1-2: rollout and score -------------------------------------------------------------------
+    @torch.no_grad()
+    def rollout(self) -> Rollout:
+        """Sample one batch of responses with images and score them."""
+        from radialog_rl.data.images import load_chest_xray
+        from radialog_rl.data.prompts import build_prompt
+        from radialog_rl.loading.tokenizer import batch_tokenize_image_prompts
+        from radialog_rl.modeling.llava import expand_image_tokens
+
+        cfg, device = self.config, self.accelerator.device
+        rows = [self.rows[i] for i in self.sampler.take(cfg.batch_size)]
+        load = lambda p: load_chest_xray(p, resize=self.image_resize, crop=self.image_size)  # noqa: E731
+        images = torch.stack([load(r.image) for r in rows]).to(device)
+        priors = torch.stack([load(r.prior_image) for r in rows]).to(device) if rows[0].prior_image else None
+        prompts = [user_message(r.prompt) for r in rows]
+        prompts = [build_prompt(p) for p in prompts] if cfg.chat_template else prompts
+        ids, mask = batch_tokenize_image_prompts(prompts, self.tokenizer, padding_side="left")
+        llava = self.unwrapped.llava
+        query = expand_image_tokens(ids, llava.num_image_tokens, mask, pad_token_id=self.pad_token_id)
+        features = llava.encode_images(images, priors)  # once per rollout batch
+        eos = self.tokenizer.eos_token_id
+        generated = self.unwrapped.generate(
+            input_ids=query.input_ids.to(device), attention_mask=query.attention_mask.to(device),
+            image_features=features, do_sample=True, temperature=cfg.temperature, top_k=cfg.top_k,
+            top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, pad_token_id=self.pad_token_id,
+            eos_token_id=eos, output_scores=self.record_generation_logprobs,
+            return_dict_in_generate=True,
+        )
+        response = generated.sequences
+        gen_logprobs = None
+        if self.record_generation_logprobs:
+            scores = torch.stack(generated.scores, dim=1).float()  # after the temperature warper
+            gen_logprobs = torch.log_softmax(scores, -1).gather(-1, response.unsqueeze(-1)).squeeze(-1)
+        response_mask = L.response_mask_from_eos(response, eos)
+        texts = [self.tokenizer.decode(r[m.bool()].tolist(), skip_special_tokens=True)
+                 for r, m in zip(response, response_mask)]
+        output = self._call_reward(rows, texts)
+        if output.texts is not None and list(output.texts) != texts:
+            response, response_mask = self._retokenize_rewritten(response, response_mask, texts, output.texts)
+            texts = list(output.texts)
+            gen_logprobs = None
+        raw_scores, valid = check_scores(output.scores, rows)
+        eos_seen = L.has_eos(response, eos)
+        scores = self._process_scores(raw_scores.to(device), valid.to(device), eos_seen)
+        loss_mask = response_mask.clone()
+        for i, span in enumerate(output.spans or []):
+            if span is not None:
+                span_mask = span_token_mask(self.tokenizer, response[i].tolist(), span)
+                loss_mask[i] *= torch.tensor(span_mask, device=loss_mask.device, dtype=loss_mask.dtype)
+        loss_mask[~valid.to(loss_mask.device)] = 0
+        return Rollout(
+            rows=rows,
+            input_ids=torch.cat([query.input_ids.to(device), response], 1),
+            attention_mask=torch.cat([query.attention_mask.to(device), response_mask], 1),
+            response_ids=response, mask=loss_mask, image_features=features, scores=scores,
+            raw_scores=raw_scores, valid=valid, texts=texts, has_eos=eos_seen, reward_output=output,
+            generation_logprobs=gen_logprobs,
+        )
+
+    def _call_reward(self, rows: list[PromptRow], texts: list[str]):
+        from radialog_rl.calibration.rewards import RewardOutput
+
+        output = self.reward_fn([r.fields for r in rows], texts)
+        return output if isinstance(output, RewardOutput) else RewardOutput(scores=list(output))
+
+    def _retokenize_rewritten(self, response, response_mask, old_texts, new_texts):
+        """Exploration rewrote some confidences: train on the rewritten text (re-tokenized)."""
+        eos = self.tokenizer.eos_token_id
+        rows = []
+        for i, (old, new) in enumerate(zip(old_texts, new_texts)):
+            ids = response[i][response_mask[i].bool()].tolist()
+            if old != new:
+                ended = bool(ids) and ids[-1] == eos
+                ids = self.tokenizer(new, add_special_tokens=False).input_ids + ([eos] if ended else [])
+            rows.append(ids)
+        width = max(len(r) for r in rows)
+        out = response.new_full((len(rows), width), self.pad_token_id)
+        mask = response_mask.new_zeros((len(rows), width))
+        for i, ids in enumerate(rows):
+            out[i, : len(ids)] = torch.tensor(ids, dtype=out.dtype)
+            mask[i, : len(ids)] = 1
+        return out, mask
+
+    def _process_scores(self, scores: torch.Tensor, valid: torch.Tensor, eos_seen: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        if cfg.no_eos_penalty is not None:
+            scores = torch.where(eos_seen.to(scores.device), scores, scores - cfg.no_eos_penalty)
+        if cfg.score_normalization:
+            gathered = self.accelerator.gather(torch.where(valid, scores, torch.nan))
+            self.score_moments.update(gathered[~torch.isnan(gathered)])
+            scores = normalize_scores(scores, self.score_moments)
+        if cfg.score_clip is not None:
+            scores = clip_scores(scores, cfg.score_clip)
+        return torch.where(valid, scores, torch.zeros_like(scores))
+
+    # -- 3: forward passes ------------------------------------------------------------------------
+    def _forward(self, model, batch: Rollout, idx: torch.Tensor, with_entropy: bool = False):
+        """Log-probs ``[b, Tr]`` of the response tokens, values ``[b, Tr]`` (and entropy)."""
+        tr = batch.response_ids.shape[1]
+        out = model(input_ids=batch.input_ids[idx], attention_mask=batch.attention_mask[idx],
+                    image_features=batch.image_features[idx], logits_to_keep=tr + 1)
+        logits = out.logits[:, :-1]  # logit t predicts token t+1: positions Tq-1 .. Tq+Tr-2
+        logprobs = L.gather_logprobs(logits, batch.response_ids[idx], self.config.temperature)
+        values = out.values[:, -tr - 1 : -1]
+        entropy = L.entropy_from_logits(logits, self.config.temperature) if with_entropy else None
+        return logprobs, values, entropy
+
+    def _minibatches(self, generator: torch.Generator) -> list[list[torch.Tensor]]:
+        """Shuffled minibatch indices for every PPO epoch (drawn up front, see step 3)."""
+        cfg = self.config
+        return [list(torch.randperm(cfg.batch_size, generator=generator).split(cfg.mini_batch_size))
+                for _ in range(cfg.ppo_epochs)]
+
+    @torch.no_grad()
+    def score_passes(self, batch: Rollout, first_epoch: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Old log-probs, values, entropy and reference log-probs over ``first_epoch``'s minibatches.
+
+        Using the exact minibatches (shapes and rows) of the first training epoch makes the first
+        ratio exactly 1: the no-grad pass and the grad pass do the same arithmetic.
+        """
+        model = self.unwrapped
+        shape = batch.response_ids.shape
+        out = {k: torch.zeros(shape, device=batch.input_ids.device) for k in ("logprobs", "values", "entropy", "ref")}
+        for idx in first_epoch:
+            logprobs, values, entropy = self._forward(model, batch, idx, with_entropy=True)
+            out["logprobs"][idx], out["values"][idx], out["entropy"][idx] = logprobs, values, entropy
+            with model.reference_policy():
+                out["ref"][idx] = self._forward(model, batch, idx)[0]
+        return out
+
+    # -- one step -----------------------------------------------------------------------------------
+    def step(self) -> dict[str, float]:
+        """Run one PPO step (rollout, score, advantages, update). Returns the step's metrics."""
+        cfg, timings = self.config, {}
+        t0 = time.perf_counter()
+        vision_before = self.vision_calls
+        batch = self.rollout()
+        timings["time/rollout"] = time.perf_counter() - t0
+
+        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.step_count)
+        epochs = self._minibatches(generator)
+        t1 = time.perf_counter()
+        passes = self.score_passes(batch, epochs[0])
+        mask = batch.mask.to(passes["logprobs"].dtype)
+        rewards, non_score, kl = L.compute_token_rewards(batch.scores, passes["logprobs"], passes["ref"],
+                                                         mask, self.kl_ctl.value, cfg.kl_estimator)
+        advantages, returns = L.gae(rewards, passes["values"], mask, cfg.gamma, cfg.lam)
+        if cfg.whiten_advantages and mask.sum() > 1:
+            advantages = L.masked_whiten(advantages, mask)
+        timings["time/forward"] = time.perf_counter() - t1
+
+        t2 = time.perf_counter()
+        train_stats = self._train(batch, epochs, passes, advantages, returns, mask)
+        timings["time/train"] = time.perf_counter() - t2
+
+        mean_kl = self._global_mean((kl * mask).sum(1))
+        beta = self.kl_ctl.value
+        self.kl_ctl.update(mean_kl, cfg.batch_size * self.accelerator.num_processes)
+        self.step_count += 1
+        timings["time/step"] = time.perf_counter() - t0
+        metrics = self._metrics(batch, passes, mask, kl, non_score, returns, train_stats, mean_kl, beta)
+        metrics.update(timings)
+        metrics["vision_tower_calls"] = self.vision_calls - vision_before
+        generated = float(batch.attention_mask[:, batch.query_length:].sum())
+        metrics["tokens_per_second"] = generated / max(timings["time/rollout"], 1e-9)
+        return metrics
+
+    def _train(self, batch, epochs, passes, advantages, returns, mask) -> dict[str, list[float]]:
+        cfg, acc = self.config, self.accelerator
+        stats: dict[str, list[float]] = {k: [] for k in ("policy_loss", "value_loss", "clipfrac", "vf_clipfrac",
+                                                          "approx_kl", "ratio", "first_ratio_max_dev")}
+        groups = cfg.gradient_accumulation_steps
+        for epoch, minibatches in enumerate(epochs):
+            early_stop = False
+            for start in range(0, len(minibatches), groups):
+                group = minibatches[start : start + groups]
+                for j, idx in enumerate(group):
+                    m = mask[idx]
+                    sync = j == len(group) - 1
+                    ctx = contextlib.nullcontext() if sync else acc.no_sync(self.model)
+                    with ctx:
+                        logprobs, values, _ = self._forward(self.model, batch, idx)
+                        pg, clipfrac, approx_kl, ratio = L.policy_loss(
+                            logprobs, passes["logprobs"][idx], advantages[idx], m, cfg.cliprange)
+                        vf, vf_clipfrac = L.value_loss(values, passes["values"][idx], returns[idx], m,
+                                                       cfg.cliprange_value)
+                        loss = (pg + cfg.vf_coef * vf) / len(group)
+                        acc.backward(loss)
+                    if epoch == 0 and start == 0 and j == 0:
+                        dev = ((logprobs - passes["logprobs"][idx]).exp() - 1).abs() * m
+                        stats["first_ratio_max_dev"].append(float(dev.max()))
+                    for name, value in (("policy_loss", pg), ("value_loss", vf), ("clipfrac", clipfrac),
+                                        ("vf_clipfrac", vf_clipfrac), ("approx_kl", approx_kl), ("ratio", ratio)):
+                        stats[name].append(float(value))
+                    early_stop |= cfg.early_stopping and float(approx_kl) > 1.5 * cfg.target_kl
+                if cfg.max_grad_norm is not None:
+                    acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                if self._any_process(early_stop):
+                    logger.info("early stop: approx KL above 1.5 x target_kl (%.3f)", cfg.target_kl)
+                    return stats
+        return stats
+
+    def _global_mean(self, x: torch.Tensor) -> float:
+        return float(self.accelerator.gather(x.detach().float()).mean())
+
+    def _any_process(self, flag: bool) -> bool:
+        t = torch.tensor([float(flag)], device=self.accelerator.device)
+        return bool(self.accelerator.gather(t).max() > 0)
+
+    def _metrics(self, batch, passes, mask, kl, non_score, returns, train_stats, mean_kl, beta) -> dict:
+        mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
+        valid_scores = batch.raw_scores[batch.valid]
+        values = passes["values"]
+        metrics = {
+            "step": self.step_count,
+            "objective/kl": mean_kl,
+            "objective/kl_coef": beta,
+            "objective/entropy": float(L.masked_mean(passes["entropy"], mask)) if mask.any() else float("nan"),
+            "objective/non_score_reward": self._global_mean((non_score * mask).sum(1)),
+            "env/score_mean": self._global_mean(valid_scores) if len(valid_scores) else float("nan"),
+            "env/score_std": float(valid_scores.std()) if len(valid_scores) > 1 else 0.0,
+            "env/skipped_samples": int((~batch.valid).sum()),
+            "env/no_eos_fraction": float((~batch.has_eos).float().mean()),
+            "env/response_length": float(batch.attention_mask[:, batch.query_length:].sum(1).float().mean()),
+            "env/optimised_tokens": float(mask.sum(1).mean()),
+            "ppo/loss/policy": mean(train_stats["policy_loss"]),
+            "ppo/loss/value": mean(train_stats["value_loss"]),
+            "ppo/policy/clipfrac": mean(train_stats["clipfrac"]),
+            "ppo/val/clipfrac": mean(train_stats["vf_clipfrac"]),
+            "ppo/policy/approxkl": mean(train_stats["approx_kl"]),
+            "ppo/policy/ratio_mean": mean(train_stats["ratio"]),
+            "ppo/policy/first_ratio_max_dev": mean(train_stats["first_ratio_max_dev"]),
+            "ppo/val/error": float(L.masked_mean((values - returns) ** 2, mask)) if mask.any() else float("nan"),
+            "ppo/val/explained_variance": float(L.explained_variance(values, returns, mask)) if mask.sum() > 1 else 0.0,
+            "ppo/learning_rate": self.scheduler.get_last_lr()[0],
+        }
+        metrics.update(self._calibration_metrics(batch.reward_output))
+        return metrics
+
+    def _calibration_metrics(self, output) -> dict[str, float]:
+        confidences = getattr(output, "confidences", None)
+        accuracies = getattr(output, "accuracies", None)
+        if confidences is None or accuracies is None:
+            return {}
+        from radialog_rl.calibration.metrics import compute_calibration
+
+        scale = getattr(self.reward_fn, "scale", 10)
+        report = compute_calibration(confidences, accuracies, scale=scale).to_dict()
+        keys = ("ece", "sigma_cbnd", "d_nckl", "brier", "parse_failure_rate")
+        return {f"calibration/{k}": report[k] for k in keys if report.get(k) is not None}
+
+    # -- the loop -------------------------------------------------------------------------------------
+    def train(self, steps: int | None = None) -> list[dict]:
+        """Run until ``steps`` (default ``config.steps``) steps are done; metrics every step to
+        ``output_dir/metrics.jsonl`` (and TensorBoard), checkpoints every ``save_every`` steps."""
+        from tqdm.auto import tqdm
+
+        from radialog_rl.training.ppo.state import save_checkpoint
+
+        total = steps if steps is not None else self.config.steps
+        history = []
+        main = self.accelerator.is_main_process
+        bar = tqdm(total=total, initial=self.step_count, desc="PPO", disable=not main, dynamic_ncols=True)
+        while self.step_count < total:
+            metrics = self.step()
+            history.append(metrics)
+            self._log(metrics)
+            bar.update(1)
+            bar.set_postfix(score=f"{metrics['env/score_mean']:.3f}", kl=f"{metrics['objective/kl']:.3f}")
+            if self.step_count % self.config.save_every == 0 or self.step_count == total:
+                save_checkpoint(self)
+        bar.close()
+        return history
+
+    def _log(self, metrics: dict) -> None:
+        if not self.accelerator.is_main_process or self.step_count % self.config.log_every:
+            return
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.output_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        writer = self._tensorboard()
+        if writer is not None:
+            for key, value in metrics.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    writer.add_scalar(key, value, self.step_count)
+            writer.flush()
+
+    def _tensorboard(self):
+        if self._writer is None and self.config.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard not installed: metrics.jsonl only
+                self.config.tensorboard = False
+                return None
+            self._writer = SummaryWriter(str(self.output_dir / "tensorboard"))
+        return self._writer
