@@ -125,7 +125,10 @@ class PPOTrainer:
         from accelerate.utils import set_seed
 
         self.config = config
-        self.accelerator = accelerator or Accelerator()
+        # On a machine without CUDA, accelerate only forms a multi-process (gloo) group when told
+        # cpu=True; torchrun / `accelerate launch` then give DDP across CPU processes.
+        cpu = str(config.device or "").startswith("cpu") or not torch.cuda.is_available()
+        self.accelerator = accelerator or Accelerator(cpu=cpu)
         set_seed(config.seed + self.accelerator.process_index)  # different samples per process
         if model is None:
             model = build_ppo_model(config, device=self.accelerator.device)
@@ -378,10 +381,10 @@ class PPOTrainer:
                         acc.backward(loss)
                     if epoch == 0 and start == 0 and j == 0:
                         dev = ((logprobs - passes["logprobs"][idx]).exp() - 1).abs() * m
-                        stats["first_ratio_max_dev"].append(float(dev.max()))
+                        stats["first_ratio_max_dev"].append(float(dev.detach().max()))
                     for name, value in (("policy_loss", pg), ("value_loss", vf), ("clipfrac", clipfrac),
                                         ("vf_clipfrac", vf_clipfrac), ("approx_kl", approx_kl), ("ratio", ratio)):
-                        stats[name].append(float(value))
+                        stats[name].append(float(value.detach()))
                     early_stop |= cfg.early_stopping and float(approx_kl) > 1.5 * cfg.target_kl
                 if cfg.max_grad_norm is not None:
                     acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)

@@ -1,0 +1,186 @@
+"""The PPO trainer on the tiny release: alignment with the sampler, exact first ratio and zero KL in
+both reference flows, learning, resume equivalence, bad rewards, spans, and two-process DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from radialog_rl.training.ppo.config import PPOConfig
+from radialog_rl.training.ppo.rollout import EpochSampler, RewardError, span_token_mask
+from radialog_rl.training.ppo.trainer import PPOTrainer
+
+HERE = Path(__file__).parent
+
+
+@pytest.fixture(scope="module")
+def qa_data(tmp_path_factory):
+    from radialog_rl.testing.data import make_binary_qa_jsonl
+
+    return make_binary_qa_jsonl(tmp_path_factory.mktemp("ppo-data"), n=8)
+
+
+@pytest.fixture(scope="module")
+def merged_dir(tiny_release, tmp_path_factory):
+    from radialog_rl import save_lora_merged_llava_model_to_local_dir
+
+    return save_lora_merged_llava_model_to_local_dir(
+        tmp_path_factory.mktemp("ppo-merged") / "merged", model_path=tiny_release.model_path,
+        model_base=tiny_release.model_base, dtype=torch.float32,
+    )
+
+
+def _config(release, data, tmp_path, **overrides) -> PPOConfig:
+    fields = dict(
+        model_path=str(release.model_path), model_base=str(release.model_base), train_file=str(data),
+        batch_size=4, mini_batch_size=2, gradient_accumulation_steps=2, max_new_tokens=4, steps=2,
+        output_dir=str(tmp_path / "run"), dtype="fp32", save_every=1000, learning_rate=1e-3,
+        tensorboard=False,
+    )
+    fields.update(overrides)
+    return PPOConfig(**fields)
+
+
+def length_reward(samples, responses):
+    """A toy reward: longer decoded responses score higher (deterministic, always finite)."""
+    return [len(r) / 10.0 for r in responses]
+
+
+def test_logprobs_match_the_samplers_at_the_same_temperature(tiny_release, qa_data, tmp_path):
+    trainer = PPOTrainer(_config(tiny_release, qa_data, tmp_path, temperature=0.7), reward_fn=length_reward)
+    trainer.record_generation_logprobs = True
+    batch = trainer.rollout()
+    passes = trainer.score_passes(batch, [torch.arange(4)])
+    valid = batch.attention_mask[:, batch.query_length:].bool()
+    assert valid.sum() > 0 and batch.image_features.shape == (4, 16, 128)
+    torch.testing.assert_close(passes["logprobs"][valid], batch.generation_logprobs[valid], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("flow", ["radialog_lora", "fresh_lora"])
+def test_first_ratio_is_exactly_one_and_kl_is_zero(tiny_release, qa_data, merged_dir, tmp_path, flow):
+    extra = {"entry_point": "fresh_lora", "llava_model_path": str(merged_dir)} if flow == "fresh_lora" else {}
+    trainer = PPOTrainer(_config(tiny_release, qa_data, tmp_path, steps=1, **extra), reward_fn=length_reward)
+    metrics = trainer.step()
+    assert metrics["ppo/policy/first_ratio_max_dev"] == 0.0
+    assert metrics["objective/kl"] == 0.0
+    assert metrics["objective/non_score_reward"] == 0.0
+    assert metrics["vision_tower_calls"] == 1  # features computed once, reused by every pass
+    # After the update the policy has moved away from the reference.
+    batch = trainer.rollout()
+    passes = trainer.score_passes(batch, [torch.arange(4)])
+    assert not torch.equal(passes["logprobs"], passes["ref"])
+
+
+def test_nan_scores_stop_the_step_naming_the_samples(tiny_release, qa_data, tmp_path):
+    def nan_reward(samples, responses):
+        return [float("nan") if i == 2 else 1.0 for i in range(len(responses))]
+
+    trainer = PPOTrainer(_config(tiny_release, qa_data, tmp_path), reward_fn=nan_reward)
+    with pytest.raises(RewardError, match=r"non-finite scores for samples #2 \(ppo_qa.jsonl line \d+: nan\)"):
+        trainer.step()
+
+
+def test_skipped_samples_are_dropped_not_scored_zero(tiny_release, qa_data, tmp_path):
+    def skipping_reward(samples, responses):
+        return [None, 1.0, 2.0, None]
+
+    trainer = PPOTrainer(_config(tiny_release, qa_data, tmp_path), reward_fn=skipping_reward)
+    batch = trainer.rollout()
+    assert batch.valid.tolist() == [False, True, True, False]
+    assert batch.mask[0].sum() == 0 and batch.mask[3].sum() == 0 and batch.mask[1].sum() > 0
+
+
+def test_reward_span_maps_to_the_sampled_tokens(tiny_tokenizer):
+    text = 'yes {"confidence": 7}'
+    ids = tiny_tokenizer(text, add_special_tokens=False).input_ids
+    start = text.index("{")
+    mask = span_token_mask(tiny_tokenizer, ids, (start, len(text)))
+    pieces = [tiny_tokenizer.decode(ids[: k + 1], skip_special_tokens=True) for k in range(len(ids))]
+    selected = [tiny_tokenizer.convert_ids_to_tokens(i) for i, m in zip(ids, mask) if m]
+    assert "".join(selected).replace("▁", " ").strip() == '{"confidence": 7}'
+    assert mask[0] == 0 and pieces[-1] == text
+
+
+def test_epoch_sampler_is_deterministic_and_resumable():
+    a = EpochSampler(5, seed=3)
+    first = a.take(3) + a.take(3) + a.take(4)
+    assert sorted(first[:5]) == list(range(5)) and sorted(first[5:]) == list(range(5))
+    b = EpochSampler(5, seed=3)
+    b.take(3)
+    c = EpochSampler(5, seed=3)
+    c.load_state_dict(b.state_dict())
+    assert c.take(7) == first[3:]
+    ranks = [EpochSampler(6, seed=0, rank=r, world=2).take(3) for r in range(2)]
+    assert sorted(ranks[0] + ranks[1]) == list(range(6))
+
+
+def test_policy_learns_to_emit_a_favoured_token(tiny_release, qa_data, merged_dir, tmp_path):
+    """Reward = share of response tokens equal to one token; its mean must rise clearly."""
+    config = _config(
+        tiny_release, qa_data, tmp_path, entry_point="fresh_lora", llava_model_path=str(merged_dir),
+        batch_size=8, mini_batch_size=4, gradient_accumulation_steps=1, ppo_epochs=2, max_new_tokens=4,
+        top_k=8, learning_rate=1e-2, lora_r=8, init_kl_coef=0.01, steps=8, seed=1,
+    )
+    trainer = PPOTrainer(config, reward_fn=lambda s, r: [0.0] * len(r))
+    probe = trainer.rollout()
+    sampled = probe.response_ids[probe.attention_mask[:, probe.query_length:].bool()].tolist()
+    pieces = {t: trainer.tokenizer.decode([t]).strip() for t in set(sampled)}
+    # The most frequent sampled token whose text is a plain piece of at least two characters.
+    favoured = max((t for t, p in pieces.items() if len(p) >= 2 and p.isalpha()), key=sampled.count)
+    piece = pieces[favoured]
+
+    def favour(samples, responses):
+        return [r.count(piece) / config.max_new_tokens for r in responses]
+
+    trainer.reward_fn = favour
+    history = trainer.train()
+    scores = [h["env/score_mean"] for h in history]
+    early, late = sum(scores[:3]) / 3, sum(scores[-3:]) / 3
+    print("favoured-token scores", [round(x, 3) for x in scores])
+    assert late > early + 0.25, scores
+
+
+def test_resume_reproduces_the_uninterrupted_run(tiny_release, qa_data, tmp_path):
+    keys = ("ppo/loss/policy", "ppo/loss/value", "env/score_mean", "objective/kl")
+
+    straight = PPOTrainer(_config(tiny_release, qa_data, tmp_path / "a", steps=3), reward_fn=length_reward)
+    full = straight.train()
+
+    first = PPOTrainer(_config(tiny_release, qa_data, tmp_path / "b", steps=3, save_every=1), reward_fn=length_reward)
+    part = first.train(steps=1)
+    resumed = PPOTrainer(_config(tiny_release, qa_data, tmp_path / "b", steps=3, resume_from="latest"),
+                         reward_fn=length_reward)
+    assert resumed.step_count == 1
+    rest = resumed.train()
+    for a, b in zip(full, part + rest):
+        for key in keys:
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key
+    for (name, p), (_, q) in zip(straight.unwrapped.named_parameters(), resumed.unwrapped.named_parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+    checkpoint = tmp_path / "b" / "run" / "checkpoint-000003"
+    assert {"adapter", "value_head.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json",
+            "rng_state_0.pt"} <= {p.name for p in checkpoint.iterdir()}
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    assert state["step"] == 3 and "kl_controller" in state and "sampler" in state
+    lines = (tmp_path / "b" / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_two_process_ddp_run_keeps_ranks_identical(tiny_release, qa_data, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           str(HERE / "ddp_ppo_script.py"), str(tiny_release.root), str(qa_data), str(tmp_path)]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    digests = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert digests[0]["world"] == 2 and digests[0]["steps"] == 2
+    assert digests[0]["params"] == digests[1]["params"]
+    assert digests[0]["initial"] != digests[0]["params"]  # training moved the weights
