@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from radialog_rl.training.ppo.config import PPOConfig
+from radialog_rl.training.ppo.demo import favoured_token_reward
 from radialog_rl.training.ppo.rollout import EpochSampler, RewardError, span_token_mask
 from radialog_rl.training.ppo.trainer import PPOTrainer
 
@@ -128,17 +129,7 @@ def test_policy_learns_to_emit_a_favoured_token(tiny_release, qa_data, merged_di
         top_k=8, learning_rate=1e-2, lora_r=8, init_kl_coef=0.01, steps=8, seed=1,
     )
     trainer = PPOTrainer(config, reward_fn=lambda s, r: [0.0] * len(r))
-    probe = trainer.rollout()
-    sampled = probe.response_ids[probe.attention_mask[:, probe.query_length:].bool()].tolist()
-    pieces = {t: trainer.tokenizer.decode([t]).strip() for t in set(sampled)}
-    # The most frequent sampled token whose text is a plain piece of at least two characters.
-    favoured = max((t for t, p in pieces.items() if len(p) >= 2 and p.isalpha()), key=sampled.count)
-    piece = pieces[favoured]
-
-    def favour(samples, responses):
-        return [r.count(piece) / config.max_new_tokens for r in responses]
-
-    trainer.reward_fn = favour
+    trainer.reward_fn, _ = favoured_token_reward(trainer)
     history = trainer.train()
     scores = [h["env/score_mean"] for h in history]
     early, late = sum(scores[:3]) / 3, sum(scores[-3:]) / 3

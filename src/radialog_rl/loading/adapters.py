@@ -300,7 +300,7 @@ def save_value_head_model(model: LlavaWithValueHead, directory: str | os.PathLik
     directory.mkdir(parents=True, exist_ok=True)
     policy = model.pretrained_model
     if hasattr(policy, "save_pretrained") and hasattr(policy, "peft_config"):
-        policy.save_pretrained(str(directory), selected_adapters=["default"])
+        policy.save_pretrained(str(directory), selected_adapters=["default"], save_embedding_layers=False)
     save_tensor_file(model.value_head_state_dict(), directory / VALUE_HEAD_FILE)
     return directory
 

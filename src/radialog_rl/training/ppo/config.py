@@ -176,5 +176,7 @@ def load_ppo_config(path: str | os.PathLike, **overrides) -> PPOConfig:
         raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping of PPO config keys")
-    data.update({k: v for k, v in overrides.items() if v is not None})
-    return PPOConfig.from_dict(data, base_dir=path.parent)
+    config = PPOConfig.from_dict(data, base_dir=path.parent)
+    # Command-line overrides are relative to the working directory, not to the YAML file.
+    changes = {k: v for k, v in overrides.items() if v is not None}
+    return dataclasses.replace(config, **changes) if changes else config

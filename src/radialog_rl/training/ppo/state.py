@@ -61,7 +61,8 @@ def save_checkpoint(trainer) -> Path:
     torch.save(_rng_state(), tmp / f"rng_state_{acc.process_index}.pt")
     if acc.is_main_process:
         model = trainer.unwrapped
-        model.pretrained_model.save_pretrained(str(tmp / "adapter"), selected_adapters=["default"])
+        model.pretrained_model.save_pretrained(str(tmp / "adapter"), selected_adapters=["default"],
+                                               save_embedding_layers=False)
         _save_value_head(model, tmp)
         torch.save(trainer.optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(trainer.scheduler.state_dict(), tmp / "scheduler.pt")

@@ -1,0 +1,51 @@
+"""``radialog-rl ppo --config ppo.yaml``: multimodal PPO for confidence calibration."""
+
+from __future__ import annotations
+
+import argparse
+
+_EPILOG = """\
+The YAML's top-level keys are radialog_rl.training.ppo.PPOConfig fields: model loading
+(entry_point radialog_lora | fresh_lora, model_path, model_base, llava_model_path, precision),
+data (train_file: JSONL of {"image", "prompt", <labels>}), reward (a built-in name such as
+binary_qa_loglik, report_loglik, quadratic_blend, or module:function) and hyperparameters
+(defaults = the published RaDialog calibration run). Metrics go to OUTPUT_DIR/metrics.jsonl and
+TensorBoard; checkpoints to OUTPUT_DIR/checkpoint-NNNNNN.
+
+examples:
+  radialog-rl make-tiny .cache/tiny && radialog-rl ppo --config configs/ppo_tiny.yaml
+  radialog-rl ppo --config configs/ppo_radialog.yaml --resume latest
+  accelerate launch --num_processes 4 -m radialog_rl ppo --config configs/ppo_radialog.yaml
+  torchrun --nproc_per_node 2 -m radialog_rl ppo --config configs/ppo_tiny.yaml   # CPU, two processes"""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "ppo",
+        help="multimodal PPO (image + text prompts) with calibration rewards",
+        description="Train a RaDialog policy with PPO on image+text prompts, with a LoRA policy, a "
+                    "shared-trunk value head and the reference policy on the same network.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", required=True, help="PPO YAML config (see below)")
+    parser.add_argument("--resume", metavar="CHECKPOINT", help="checkpoint directory, or 'latest' in the output dir")
+    parser.add_argument("--steps", type=int, help="train until this many PPO steps (overrides the config)")
+    parser.add_argument("--output-dir", help="overrides output_dir")
+    parser.add_argument("--device", help="overrides device (cpu, cuda, cuda:1)")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from radialog_rl.training.ppo.config import load_ppo_config
+    from radialog_rl.training.ppo.trainer import PPOTrainer
+
+    config = load_ppo_config(args.config, resume_from=args.resume, steps=args.steps,
+                             output_dir=args.output_dir, device=args.device)
+    trainer = PPOTrainer(config)
+    history = trainer.train()
+    if trainer.accelerator.is_main_process and history:
+        last = history[-1]
+        print(f"PPO finished at step {trainer.step_count}: score {last['env/score_mean']:.3f}, "
+              f"KL {last['objective/kl']:.3f}; metrics in {trainer.output_dir / 'metrics.jsonl'}")
+    return 0
