@@ -316,7 +316,10 @@ def _device(device_str, device):
 
 def _radialog_adapter_path(radialog_lora_weights_path, model_path) -> Path:
     if radialog_lora_weights_path is not None:
-        return Path(radialog_lora_weights_path)
+        path = Path(radialog_lora_weights_path)
+        if not path.exists():
+            raise CheckpointError(f"adapter not found: {path}")
+        return path
     return resolve_model_dir(
         model_path or RADIALOG_HUB_ID, what="RaDialog release",
         required_files=["adapter_model.safetensors|adapter_model.bin"],

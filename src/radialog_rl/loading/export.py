@@ -89,11 +89,11 @@ def save_lora_merged_llava_model_to_local_dir(
             f"refusing to merge into a {precision} base: that re-quantises the merged weights. Merge "
             "in 16-bit (the default) or pass force=True"
         )
+    adapter = _radialog_adapter_path(radialog_lora_weights_path, model_path)  # fail before loading
     model = load_baseline_llava_model_with_vision_modules(
         model_path, model_base, precision=precision, device=device, dtype=dtype
     )
     tokenizer = model.tokenizer
-    adapter = _radialog_adapter_path(radialog_lora_weights_path, model_path)
     peft_model = attach_lora(model, adapter, trainable=False)
     merged = peft_model.merge_and_unload()
     merged.config.use_cache = True
