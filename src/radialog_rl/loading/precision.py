@@ -71,15 +71,10 @@ class PrecisionSpec:
 
 def precision_spec(precision: str = "16bit", dtype: str | torch.dtype | None = None) -> PrecisionSpec:
     """Validate ``precision`` ("16bit", "8bit", "4bit") and pick the compute dtype (default bf16)."""
-    precision = str(precision).lower().replace("-", "")
-    aliases = {"16": "16bit", "bf16": "16bit", "fp16": "16bit", "8": "8bit", "int8": "8bit",
-               "4": "4bit", "nf4": "4bit"}
-    if precision in ("fp16", "float16") and dtype is None:
-        dtype = torch.float16
-    precision = aliases.get(precision, precision)
-    if precision not in PRECISIONS:
+    name = str(precision).lower()
+    if name not in PRECISIONS:
         raise ConfigError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-    return PrecisionSpec(precision, parse_dtype(dtype))
+    return PrecisionSpec(name, parse_dtype(dtype))
 
 
 def guard_cpu_4bit_layers(model: nn.Module) -> int:

@@ -221,7 +221,7 @@ def modify_model_for_image_input(model: LlavaLlamaForCausalLM, tokenizer) -> tup
     return old, new
 
 
-def _base_report_problems(info: dict, config: LlavaLlamaConfig) -> tuple[list, list, list]:
+def _base_report_problems(info: dict) -> tuple[list, list, list]:
     """Split from_pretrained's loading info into what is expected and what is not."""
     later = [VISION_PREFIX + "*", PROJECTOR_PREFIX + "*"]  # filled by non_lora / tower steps
     missing = [k for k in info.get("missing_keys", []) if not matches_any(k, later)]
@@ -300,7 +300,7 @@ def load_baseline_llava_model_with_vision_modules(
     info = LoadingInfo(model_path=str(release_dir), model_base=str(base_dir),
                        precision=spec.precision, dtype=str(spec.compute_dtype).removeprefix("torch."))
     model, base_info = _from_pretrained(base_dir, config, spec, device_map)
-    missing, unexpected, mismatched = _base_report_problems(base_info, config)
+    missing, unexpected, mismatched = _base_report_problems(base_info)
     info.base_missing, info.base_unexpected, info.base_mismatched = missing, unexpected, mismatched
     if missing or unexpected or mismatched:
         KeyReport(
