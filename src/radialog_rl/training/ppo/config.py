@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from radialog_rl.errors import ConfigError
+from radialog_rl.training.config_files import read_yaml_mapping, resolve_config_path
 
 ENTRY_POINTS = ("radialog_lora", "fresh_lora")
 
@@ -151,32 +152,11 @@ class PPOConfig:
         return cls(**data)
 
 
-def resolve_config_path(value: Any, base_dir: str | os.PathLike, always: bool = False) -> Any:
-    """A relative path in a config file means "relative to the file": resolve it when it exists
-    there, starts with ``./``/``../``, or ``always``; anything else (a hub id like
-    ``owner/name``, "latest") is returned unchanged."""
-    if not isinstance(value, str) or not value or Path(value).is_absolute() or value == "latest":
-        return value
-    candidate = Path(base_dir) / value
-    if always or value.startswith(("./", "../")) or candidate.exists():
-        return str(candidate.resolve())
-    return value
-
-
 def load_ppo_config(path: str | os.PathLike, **overrides) -> PPOConfig:
     """Read a YAML file (top-level keys = :class:`PPOConfig` fields); ``overrides`` win."""
-    import yaml
-
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"PPO config not found: {path}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path} must hold a mapping of PPO config keys")
-    config = PPOConfig.from_dict(data, base_dir=path.parent)
+    path = Path(path).expanduser()
+    data = read_yaml_mapping(path, "PPO")
+    config = PPOConfig.from_dict(data, base_dir=path.resolve().parent)
     # Command-line overrides are relative to the working directory, not to the YAML file.
     changes = {k: v for k, v in overrides.items() if v is not None}
     return dataclasses.replace(config, **changes) if changes else config

@@ -1,0 +1,785 @@
+"""Supervised fine-tuning (SFT) of RaDialog on image + text conversations with ``transformers.Trainer``.
+
+The Trainer does the training loop: gradient accumulation, evaluation, checkpoints and resume,
+best-checkpoint selection, TensorBoard, and DDP / DeepSpeed / FSDP through accelerate. This module
+is the glue around it:
+
+* :class:`SFTConfig` (flat, typed; ``trainer`` holds ``transformers.TrainingArguments`` fields) and
+  :func:`load_sft_config` for YAML files;
+* :func:`build_sft_model`: RaDialog with its own LoRA trainable (``entry_point: radialog_lora``) or a
+  fresh/saved adapter on the baseline or on a merged directory (``fresh_lora``), 16/8/4-bit;
+  optionally the ``mm_projector`` trainable too;
+* :func:`build_datasets`: :class:`~radialog_rl.data.datasets.SFTDataset` sized from the model
+  config (image positions, crop, ``max_length``);
+* :func:`run_sft`: the stock ``Trainer`` with our collator, then the final adapter written to
+  ``<output_dir>/adapter`` (PEFT layout: ``adapter_config.json`` + ``adapter_model.safetensors``,
+  plus ``non_lora_trainables.safetensors`` when the projector was trained) and, with ``merge``, a
+  self-contained merged model in ``<output_dir>/merged``.
+
+Why the stock Trainer works without a subclass: the collator's batch has ``images`` (and maybe
+``prior_images``) next to ``input_ids``/``labels``; with ``remove_unused_columns=False`` the Trainer
+passes every key to ``model(**batch)`` and our forward takes them. The loss comes from the model
+(labels already carry -100 on image positions and padding); the Trainer passes
+``num_items_in_batch`` so gradient accumulation averages over tokens, not micro-batches.
+
+Dropout and eval mode: the Trainer puts the model in train mode each step, which turns LoRA dropout
+on. The frozen BioViL-T tower stays in eval mode by itself (it overrides ``train``), so its
+BatchNorm statistics never move.
+
+Several processes (``torchrun`` / ``accelerate launch``): each process loads the model onto its own
+device (``cuda:LOCAL_RANK``, or the CPU) and the Trainer wraps it in DDP with
+``find_unused_parameters=False`` (every LoRA parameter, and the projector when trained, is used in
+every forward; the frozen tower and base weights take no gradient). Only the main process writes
+the final adapter and the merge. DeepSpeed ZeRO-3 / FSDP partition parameters: the final adapter is
+then saved through the Trainer's own gathering (``trainer.save_model``), and ``train_projector`` is
+refused (its file is written from the live parameters).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import logging
+import os
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from radialog_rl.training.config_files import read_yaml_mapping, resolve_config_path
+from radialog_rl.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "ENTRY_POINTS",
+    "NON_LORA_TRAINABLES_FILE",
+    "SFTConfig",
+    "build_datasets",
+    "build_sft_model",
+    "build_training_arguments",
+    "load_sft_config",
+    "merge_sft_adapter",
+    "resolve_resume_checkpoint",
+    "run_sft",
+    "save_sft_adapter",
+]
+
+#: How the starting model is loaded (see :class:`SFTConfig`).
+ENTRY_POINTS = ("radialog_lora", "fresh_lora")
+#: The trained projector, beside the adapter, with RaDialog's ``base_model.model.model.*`` keys.
+NON_LORA_TRAINABLES_FILE = "non_lora_trainables.safetensors"
+#: Subdirectories of ``output_dir`` written at the end of :func:`run_sft`.
+ADAPTER_SUBDIR = "adapter"
+MERGED_SUBDIR = "merged"
+
+#: ``TrainingArguments`` values used unless the config's ``trainer`` mapping sets them.
+TRAINER_DEFAULTS: dict[str, Any] = {
+    "num_train_epochs": 1,
+    "per_device_train_batch_size": 4,
+    "per_device_eval_batch_size": 4,
+    "gradient_accumulation_steps": 1,
+    "learning_rate": 2e-4,  # LLaVA-1.5's LoRA learning rate
+    "lr_scheduler_type": "cosine",
+    "warmup_steps": 0.03,  # a float below 1 is a fraction of the total steps
+    "weight_decay": 0.0,
+    "logging_steps": 10,
+    "logging_first_step": True,
+    "save_strategy": "steps",
+    "save_steps": 500,
+    "save_total_limit": 3,
+    "seed": 42,
+    "dataloader_num_workers": 0,
+    # Our batches are dicts of tensors the model takes as they are (images included); the default
+    # True would drop "images" because the PEFT wrapper's forward signature does not name it.
+    "remove_unused_columns": False,
+    # Evaluation only needs the loss; keeping [B, T, 32000] logits per batch costs gigabytes.
+    "prediction_loss_only": True,
+    # Every trainable parameter is used in every forward (module docstring); True would add a
+    # graph traversal per step and a DDP warning.
+    "ddp_find_unused_parameters": False,
+    "label_names": ["labels"],
+}
+
+#: ``TrainingArguments`` fields the config must not set, and why.
+_FORBIDDEN_TRAINER_KEYS = {
+    "gradient_checkpointing": "set the top-level 'gradient_checkpointing' instead (it is enabled "
+                              "while loading, before LoRA is attached, as k-bit training needs)",
+    "activation_checkpointing": "set the top-level 'gradient_checkpointing' instead",
+    "gradient_checkpointing_kwargs": "set the top-level 'gradient_checkpointing' instead",
+    "activation_checkpointing_kwargs": "set the top-level 'gradient_checkpointing' instead",
+    "resume_from_checkpoint": "pass --resume PATH|latest (run_sft(resume_from_checkpoint=...))",
+}
+
+#: What SFTDataset does with rows longer than max_length.
+OVERFLOW_MODES = ("truncate", "error")
+_PATH_FIELDS = ("model_path", "model_base", "adapter_path", "train_file", "eval_file")
+
+
+# --------------------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SFTConfig:
+    """Everything :func:`run_sft` needs. YAML files hold the same keys (:func:`load_sft_config`).
+
+    Model loading
+        entry_point: ``"radialog_lora"``: the RaDialog release with its own LoRA, trainable
+            (``load_pretrained_llava_model_for_sft_training``); ``"fresh_lora"``: a new adapter
+            (PEFT's initialisation, B = 0, so training starts exactly at the loaded model) on the
+            baseline (``model_path`` = RaDialog release, ``model_base`` = base LLaVA) or on a merged
+            directory (``model_path`` = the merged dir; ``model_base`` defaults to it).
+        model_path / model_base: RaDialog release (or merged dir) and base LLaVA-1.5; local
+            directories or hub ids (hub ids need the files in the local cache or a network).
+        adapter_path: the adapter to start from. radialog_lora: default the one inside
+            ``model_path``; fresh_lora: continue training a saved adapter instead of a new one.
+        precision: ``"16bit"``, ``"8bit"`` or ``"4bit"`` (QLoRA: nf4 + double quantisation).
+        dtype: compute dtype ``"bf16"`` (default), ``"fp16"`` or ``"fp32"``.
+        device: ``"cuda"`` / ``"cpu"`` (default: cuda when available). Under ``torchrun`` or
+            ``accelerate launch`` each process uses ``cuda:LOCAL_RANK``; choose GPUs with
+            ``CUDA_VISIBLE_DEVICES``.
+        device_map: e.g. ``"auto"`` to split one model over the visible GPUs (one process only).
+    Data (JSONL format: :mod:`radialog_rl.data.datasets`)
+        train_file / eval_file: JSONL files; ``eval_file`` is optional.
+        label_policy: one of ``LABEL_POLICIES`` (``assistant``, ``all``,
+            ``all_but_confidence_value``, ``assistant_but_confidence_value``).
+        max_length: longest sequence in tokens, image positions included (default: the model
+            config's ``tokenizer_model_max_length``).
+        overflow: ``"truncate"`` (warn and cut from the right) or ``"error"``.
+    Training
+        train_projector: also train ``mm_projector`` (kept in fp32; saved beside the adapter as
+            ``non_lora_trainables.safetensors``).
+        gradient_checkpointing: trade compute for activation memory (non-reentrant).
+        lora_r / lora_alpha / lora_dropout / lora_target_modules: a fresh adapter's shape
+            (fresh_lora without adapter_path only; default RaDialog's r 128, alpha 256, dropout
+            0.05, the seven LLaMA projections).
+        trainer: ``transformers.TrainingArguments`` fields (``output_dir`` is required); unset
+            fields take :data:`TRAINER_DEFAULTS`, ``report_to`` defaults to tensorboard when it is
+            installed. ``remove_unused_columns`` must stay False.
+    Output
+        merge: after training, merge the adapter (and trained projector) into the 16-bit base and
+            save a self-contained model to ``<output_dir>/merged``.
+        merge_dtype: dtype of the merged weights (default bf16).
+    """
+
+    # model
+    entry_point: str = "radialog_lora"
+    model_path: str | None = None
+    model_base: str | None = None
+    adapter_path: str | None = None
+    precision: str = "16bit"
+    dtype: str | None = None
+    device: str | None = None
+    device_map: str | None = None
+    # data
+    train_file: str | None = None
+    eval_file: str | None = None
+    label_policy: str = "assistant"
+    max_length: int | None = None
+    overflow: str = "truncate"
+    # training
+    train_projector: bool = False
+    gradient_checkpointing: bool = False
+    lora_r: int | None = None
+    lora_alpha: int | None = None
+    lora_dropout: float | None = None
+    lora_target_modules: list[str] | None = None
+    trainer: dict[str, Any] = field(default_factory=dict)
+    # output
+    merge: bool = False
+    merge_dtype: str = "bf16"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Check values that do not need the model (raises :class:`ConfigError`)."""
+        from radialog_rl.data.datasets import LABEL_POLICIES
+        from radialog_rl.loading.precision import parse_dtype, precision_spec
+
+        if self.entry_point not in ENTRY_POINTS:
+            raise ConfigError(f"entry_point must be one of {', '.join(ENTRY_POINTS)}, got {self.entry_point!r}")
+        precision_spec(self.precision, self.dtype)
+        parse_dtype(self.merge_dtype)
+        if self.label_policy not in LABEL_POLICIES:
+            raise ConfigError(f"label_policy must be one of {', '.join(LABEL_POLICIES)}, got {self.label_policy!r}")
+        if self.overflow not in OVERFLOW_MODES:
+            raise ConfigError(f"overflow must be 'truncate' or 'error', got {self.overflow!r}")
+        if self.max_length is not None and (not isinstance(self.max_length, int) or self.max_length < 1):
+            raise ConfigError(f"max_length must be a positive integer, got {self.max_length!r}")
+        lora = {k: getattr(self, k) for k in ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
+                if getattr(self, k) is not None}
+        if lora and (self.entry_point != "fresh_lora" or self.adapter_path):
+            raise ConfigError(
+                f"{', '.join(lora)} shape a new adapter (entry_point 'fresh_lora' without adapter_path); "
+                "a loaded adapter keeps the shape in its adapter_config.json"
+            )
+        if self.lora_dropout is not None and not 0.0 <= float(self.lora_dropout) < 1.0:
+            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if self.device_map is not None and _world_size() > 1:
+            raise ConfigError("device_map splits one model over GPUs in one process; it cannot be used "
+                              "with several processes (torchrun / accelerate launch)")
+        if not isinstance(self.trainer, dict):
+            raise ConfigError(f"'trainer' must be a mapping of TrainingArguments fields, got "
+                              f"{type(self.trainer).__name__}")
+        _check_trainer_keys(self.trainer)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], base_dir: str | os.PathLike | None = None) -> SFTConfig:
+        """Build from a mapping (e.g. parsed YAML). Unknown keys are a :class:`ConfigError` (with a
+        suggestion); relative paths resolve against ``base_dir`` (see :func:`load_sft_config`)."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"an SFT config must be a mapping, got {type(data).__name__}")
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = [k for k in data if k not in known]
+        if unknown:
+            raise ConfigError("unknown SFT config key(s): " + "; ".join(_suggest(k, known) for k in unknown))
+        data = {k: _coerce_number(k, v, cls) for k, v in data.items()}
+        trainer = data.get("trainer") or {}
+        if not isinstance(trainer, dict):
+            raise ConfigError(f"'trainer' must be a mapping of TrainingArguments fields, got "
+                              f"{type(trainer).__name__}")
+        trainer = _coerce_trainer_numbers(dict(trainer))
+        if base_dir is not None:
+            for key in _PATH_FIELDS:
+                data[key] = resolve_config_path(data.get(key), base_dir, always=key in ("train_file", "eval_file"))
+            if trainer.get("output_dir"):
+                trainer["output_dir"] = resolve_config_path(trainer["output_dir"], base_dir, always=True)
+        data["trainer"] = trainer
+        return cls(**data)
+
+
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _suggest(key: str, known: Sequence[str]) -> str:
+    close = difflib.get_close_matches(key, known, n=1)
+    return f"{key!r} (did you mean {close[0]!r}?)" if close else repr(key)
+
+
+def _coerce_number(name: str, value: Any, cls: type) -> Any:
+    """YAML reads ``2e-4`` (no dot) as a string: convert strings for numeric fields."""
+    if not isinstance(value, str):
+        return value
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    annotation = str(fields[name].type) if name in fields else ""
+    for kind in (int, float):
+        if annotation.split(" | ")[0] == kind.__name__:
+            try:
+                return kind(value)
+            except ValueError:
+                raise ConfigError(f"{name} must be a number, got {value!r}") from None
+    return value
+
+
+def _coerce_trainer_numbers(trainer: dict[str, Any]) -> dict[str, Any]:
+    """The same for numeric ``TrainingArguments`` fields (``learning_rate: 2e-4`` in YAML)."""
+    from transformers import TrainingArguments
+
+    numeric = {f.name for f in dataclasses.fields(TrainingArguments)
+               if isinstance(f.default, (int, float)) and not isinstance(f.default, bool)
+               or f.name in ("learning_rate", "warmup_steps", "max_grad_norm", "weight_decay")}
+    out = {}
+    for key, value in trainer.items():
+        if key in numeric and isinstance(value, str):
+            for kind in (int, float):
+                try:
+                    value = kind(value)
+                    break
+                except ValueError:
+                    continue
+        out[key] = value
+    return out
+
+
+def _check_trainer_keys(trainer: dict[str, Any]) -> None:
+    from transformers import TrainingArguments
+
+    known = [f.name for f in dataclasses.fields(TrainingArguments) if f.init]
+    problems = []
+    for key in trainer:
+        if key in _FORBIDDEN_TRAINER_KEYS:
+            problems.append(f"{key!r}: {_FORBIDDEN_TRAINER_KEYS[key]}")
+        elif key not in known:
+            problems.append(f"{_suggest(key, known)} is not a transformers.TrainingArguments field")
+    if trainer.get("remove_unused_columns", False):
+        problems.append("'remove_unused_columns' must be false: it would drop 'images' from the batches")
+    if problems:
+        raise ConfigError("trainer: " + "; ".join(problems))
+
+
+def load_sft_config(path: str | os.PathLike, **overrides: Any) -> SFTConfig:
+    """Read an SFT YAML file (top-level keys = :class:`SFTConfig` fields).
+
+    Relative paths in the file (``model_path``, ``model_base``, ``adapter_path``, ``train_file``,
+    ``eval_file``, ``trainer.output_dir``) are resolved against the file's folder, not the working
+    directory; a model path that does not exist there and does not start with ``./``/``../`` is
+    kept as a hub id. ``overrides`` (non-None values) replace top-level keys after resolution;
+    ``trainer`` overrides are merged into the file's ``trainer`` mapping.
+
+    Raises:
+        ConfigError: missing file, invalid YAML, unknown keys (with a suggestion), bad values.
+    """
+    path = Path(path).expanduser()
+    data = read_yaml_mapping(path, "SFT")
+    try:
+        config = SFTConfig.from_dict(data, base_dir=path.resolve().parent)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+    return apply_overrides(config, **overrides) if overrides else config
+
+
+def apply_overrides(config: SFTConfig, *, trainer: dict[str, Any] | None = None, **fields: Any) -> SFTConfig:
+    """A copy of ``config`` with top-level ``fields`` replaced (None values ignored) and ``trainer``
+    entries merged in; validated again."""
+    data = config.to_dict()
+    data.update({k: v for k, v in fields.items() if v is not None})
+    data["trainer"] = {**data["trainer"], **{k: v for k, v in (trainer or {}).items() if v is not None}}
+    return SFTConfig.from_dict(data)
+
+
+# --------------------------------------------------------------------------------------------------
+# Training arguments, model, data
+# --------------------------------------------------------------------------------------------------
+
+
+def resolve_device(config: SFTConfig) -> str:
+    """The device this process loads the model onto.
+
+    Default cuda when available, else cpu. Under several processes ``cuda`` becomes
+    ``cuda:LOCAL_RANK`` so each process holds its own replica (what DDP expects); an explicit index
+    that disagrees with the local rank is an error rather than a silent fight with accelerate.
+    """
+    device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    local_rank = int(os.environ.get("LOCAL_RANK", "-1"))
+    if device == "cuda" and local_rank >= 0:
+        return f"cuda:{local_rank}"
+    if device.startswith("cuda:"):
+        try:
+            index = int(device.split(":", 1)[1])
+        except ValueError:
+            raise ConfigError(f"device {device!r} is not a device name (cpu, cuda, cuda:0)") from None
+        expected = max(local_rank, 0)
+        if index != expected:
+            raise ConfigError(
+                f"device {device!r}: the Trainer trains on cuda:{expected} in this process; select GPUs "
+                "with CUDA_VISIBLE_DEVICES and set device: cuda"
+            )
+    return device
+
+
+def _default_report_to() -> str:
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        try:
+            import tensorboardX  # noqa: F401
+        except ImportError:
+            return "none"
+    return "tensorboard"
+
+
+def build_training_arguments(config: SFTConfig):
+    """``transformers.TrainingArguments`` from :data:`TRAINER_DEFAULTS` + ``config.trainer``.
+
+    Also: ``report_to`` tensorboard when installed (else none), ``use_cpu`` when the model is on the
+    CPU, bf16 autocast by default for a bf16 model on a GPU that supports it, evaluation every
+    ``save_steps`` when an ``eval_file`` is given (and none without one).
+    """
+    from transformers import TrainingArguments
+
+    trainer = dict(config.trainer)
+    if not trainer.get("output_dir"):
+        raise ConfigError("trainer.output_dir is required (where checkpoints, logs and the adapter go); "
+                          "set it in the config or pass --output-dir")
+    values = dict(TRAINER_DEFAULTS)
+    values["report_to"] = _default_report_to()
+    device = resolve_device(config)
+    if device == "cpu":
+        values["use_cpu"] = True
+    from radialog_rl.loading.precision import precision_spec
+
+    compute = precision_spec(config.precision, config.dtype).compute_dtype
+    if compute == torch.bfloat16 and device.startswith("cuda") and torch.cuda.is_bf16_supported():
+        values["bf16"] = True
+    if config.eval_file:
+        values["eval_strategy"] = "steps"
+        values["eval_steps"] = trainer.get("save_steps", values["save_steps"])
+    elif trainer.get("eval_strategy", "no") != "no":
+        raise ConfigError(f"trainer.eval_strategy is {trainer['eval_strategy']!r} but no eval_file is given")
+    values.update(trainer)
+    values["output_dir"] = str(Path(values["output_dir"]).expanduser())
+    try:
+        return TrainingArguments(**values)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"trainer: {' '.join(str(exc).split())}") from exc
+
+
+def build_sft_model(config: SFTConfig):
+    """Load the starting model for SFT: a ``PeftModel`` with adapter ``"default"`` trainable.
+
+    Everything else is frozen except, with ``train_projector``, ``mm_projector`` (cast to fp32:
+    optimiser updates of 16-bit weights lose most of their bits). The tokenizer is attached as
+    ``.tokenizer``; the model comes back in eval mode (the Trainer switches it to train mode).
+    """
+    from transformers import set_seed
+
+    from radialog_rl.loading.adapters import (
+        attach_lora,
+        load_pretrained_llava_model_for_sft_training,
+        prepare_quantized_for_training,
+        radialog_lora_config,
+        trainable_parameter_report,
+    )
+    from radialog_rl.loading.release import load_baseline_llava_model_with_vision_modules
+
+    # A fresh adapter's A matrices are random: seed them like the Trainer seeds everything else.
+    set_seed(int(config.trainer.get("seed", TRAINER_DEFAULTS["seed"])))
+    device = resolve_device(config)
+    common = dict(precision=config.precision, device=device, device_map=config.device_map, dtype=config.dtype)
+    if config.entry_point == "radialog_lora":
+        model = load_pretrained_llava_model_for_sft_training(
+            radialog_lora_weights_path=config.adapter_path, model_path=config.model_path,
+            model_base=config.model_base, gradient_checkpointing=config.gradient_checkpointing, **common,
+        )
+    else:
+        if not config.model_path:
+            raise ConfigError("entry_point 'fresh_lora' needs model_path (the RaDialog release, or a "
+                              "merged directory)")
+        model_base = config.model_base or _merged_base(config.model_path)
+        base = load_baseline_llava_model_with_vision_modules(config.model_path, model_base, **common)
+        tokenizer = base.tokenizer
+        base = prepare_quantized_for_training(base, config.gradient_checkpointing)
+        lora_config = None
+        if config.adapter_path is None:
+            overrides = {"r": config.lora_r, "lora_alpha": config.lora_alpha, "lora_dropout": config.lora_dropout,
+                         "target_modules": config.lora_target_modules}
+            lora_config = radialog_lora_config(**{k: v for k, v in overrides.items() if v is not None})
+        model = attach_lora(base, config.adapter_path, lora_config=lora_config)
+        model.tokenizer = tokenizer
+    if config.train_projector:
+        projector = model.get_base_model().model.mm_projector
+        projector.to(dtype=torch.float32)
+        projector.requires_grad_(True)
+        trainable_parameter_report(model)
+    return model
+
+
+def _merged_base(model_path: str) -> str | None:
+    """``model_base`` for a merged directory: the directory itself when it holds LLM weights."""
+    path = Path(model_path)
+    weights = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+               "pytorch_model.bin.index.json")
+    if path.is_dir() and any((path / name).is_file() for name in weights):
+        return str(path)
+    raise ConfigError(
+        f"model_base is not set and {model_path} holds no LLM weights: give model_base (the base "
+        "LLaVA-1.5 directory) or a merged directory as model_path"
+    )
+
+
+def _read_examples(config: SFTConfig):
+    from radialog_rl.data.datasets import load_sft_jsonl
+
+    if not config.train_file:
+        raise ConfigError("train_file is required (a JSONL file of image conversations)")
+    train = load_sft_jsonl(config.train_file)
+    evaluation = load_sft_jsonl(config.eval_file) if config.eval_file else None
+    return train, evaluation
+
+
+def build_datasets(config: SFTConfig, tokenizer, model_config, *, examples=None):
+    """``(train_dataset, eval_dataset_or_None)`` as :class:`SFTDataset` sized from the model config.
+
+    Args:
+        config: the SFT config (files, label policy, max_length, overflow).
+        tokenizer: the model's (fast) tokenizer.
+        model_config: the ``LlavaLlamaConfig`` (``num_image_tokens``, ``image_size``,
+            ``tokenizer_model_max_length``).
+        examples: ``(train_examples, eval_examples_or_None)`` already read with ``load_sft_jsonl``
+            (default: read ``train_file`` / ``eval_file`` now).
+
+    Images are resized so the shorter side is ``round(image_size * 512 / 448)`` px, then centre
+    cropped to ``image_size`` px: RaDialog's 512 -> 448 ratio at any tower size.
+    """
+    from radialog_rl.data.datasets import SFTDataset
+    from radialog_rl.data.images import DEFAULT_CROP, DEFAULT_RESIZE
+
+    train_examples, eval_examples = examples if examples is not None else _read_examples(config)
+    image_size = int(model_config.image_size)
+    kwargs = dict(
+        num_image_tokens=int(model_config.num_image_tokens),
+        image_size=image_size,
+        resize=round(image_size * DEFAULT_RESIZE / DEFAULT_CROP),
+        label_policy=config.label_policy,
+        max_length=config.max_length or getattr(model_config, "tokenizer_model_max_length", None),
+        overflow=config.overflow,
+    )
+    train = SFTDataset(train_examples, tokenizer, **kwargs)
+    evaluation = SFTDataset(eval_examples, tokenizer, **kwargs) if eval_examples else None
+    return train, evaluation
+
+
+def _collator(tokenizer, model_config):
+    from radialog_rl.data.datasets import SFTCollator
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else model_config.pad_token_id
+    return SFTCollator(pad, padding_side="right")
+
+
+# --------------------------------------------------------------------------------------------------
+# Saving, resuming, merging
+# --------------------------------------------------------------------------------------------------
+
+
+def projector_state_dict(model) -> dict[str, torch.Tensor]:
+    """The projector's tensors under RaDialog's ``non_lora_trainables`` keys
+    (``base_model.model.model.mm_projector.*``)."""
+    llava = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return {f"base_model.model.model.mm_projector.{k}": v
+            for k, v in llava.model.mm_projector.state_dict().items()}
+
+
+def save_projector(model, directory: str | os.PathLike) -> Path:
+    """Write :func:`projector_state_dict` to ``directory/non_lora_trainables.safetensors``."""
+    from radialog_rl.loading.files import save_tensor_file
+
+    path = Path(directory) / NON_LORA_TRAINABLES_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_tensor_file(projector_state_dict(model), path)
+    return path
+
+
+def load_projector(model, directory: str | os.PathLike) -> None:
+    """Load ``directory/non_lora_trainables.safetensors`` into the model's projector (strict)."""
+    from radialog_rl.errors import CheckpointError
+    from radialog_rl.loading.release import load_non_lora_trainables
+
+    path = Path(directory) / NON_LORA_TRAINABLES_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{directory} has no {NON_LORA_TRAINABLES_FILE}, but train_projector is on: "
+                              "was this checkpoint written by a run that trained the projector?")
+    llava = model.get_base_model() if hasattr(model, "get_base_model") else model
+    load_non_lora_trainables(llava, path)
+
+
+def save_sft_adapter(model, directory: str | os.PathLike, *, with_projector: bool = False) -> Path:
+    """Save adapter "default" as a PEFT directory (``adapter_config.json`` +
+    ``adapter_model.safetensors``), plus the projector when ``with_projector``.
+
+    Written to a temporary sibling first and renamed, so an interrupted save never leaves a mix of
+    old and new files (an existing ``directory`` is replaced).
+    """
+    directory = Path(directory)
+    tmp = directory.with_name(f".{directory.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    # save_embedding_layers=False: embeddings are frozen, and "auto" reloads the base config
+    # (a hub lookup when model_base is a hub id) only to compare vocabulary sizes.
+    model.save_pretrained(str(tmp), selected_adapters=["default"], save_embedding_layers=False)
+    if with_projector:
+        save_projector(model, tmp)
+    if directory.exists():
+        shutil.rmtree(directory)
+    tmp.rename(directory)
+    logger.info("saved the SFT adapter to %s", directory)
+    return directory
+
+
+def resolve_resume_checkpoint(resume: str | os.PathLike | None, output_dir: str | os.PathLike) -> str | None:
+    """``"latest"`` -> the newest ``checkpoint-N`` in ``output_dir``; a path -> itself (checked)."""
+    if resume is None:
+        return None
+    if str(resume) == "latest":
+        from transformers.trainer_utils import get_last_checkpoint
+
+        found = get_last_checkpoint(str(output_dir)) if Path(output_dir).is_dir() else None
+        if found is None:
+            raise ConfigError(f"--resume latest: no checkpoint-N directory in {output_dir}")
+        return found
+    path = Path(resume).expanduser()
+    if not path.is_dir() or not (path / "trainer_state.json").is_file():
+        raise ConfigError(f"cannot resume from {path}: not a Trainer checkpoint directory "
+                          "(checkpoint-N with trainer_state.json)")
+    return str(path)
+
+
+def merge_sft_adapter(config: SFTConfig, adapter_dir: str | os.PathLike,
+                      out_dir: str | os.PathLike) -> Path:
+    """Merge a trained adapter (and trained projector) into the 16-bit base; save a self-contained dir.
+
+    Always in 16-bit on the CPU, whatever the training precision: merging into 4-bit weights would
+    re-quantise them. With a trained projector the baseline is loaded, the projector replaced, then
+    the adapter merged (``save_lora_merged_llava_model_to_local_dir`` takes no projector).
+    """
+    from radialog_rl.loading.export import save_lora_merged_llava_model_to_local_dir, save_merged_model
+
+    adapter_dir = Path(adapter_dir)
+    model_base = config.model_base
+    if config.entry_point == "fresh_lora" and not model_base:
+        model_base = _merged_base(config.model_path)
+    if not (adapter_dir / NON_LORA_TRAINABLES_FILE).is_file():
+        return save_lora_merged_llava_model_to_local_dir(
+            out_dir, adapter_dir, model_path=config.model_path, model_base=model_base,
+            dtype=config.merge_dtype, device="cpu",
+        )
+    from radialog_rl.loading.adapters import attach_lora
+    from radialog_rl.loading.release import load_baseline_llava_model_with_vision_modules
+
+    model = load_baseline_llava_model_with_vision_modules(
+        config.model_path, model_base, precision="16bit", device="cpu", dtype=config.merge_dtype
+    )
+    tokenizer = model.tokenizer
+    load_projector(model, adapter_dir)
+    merged = attach_lora(model, adapter_dir, trainable=False).merge_and_unload()
+    merged.config.use_cache = True
+    return save_merged_model(merged, tokenizer, out_dir)
+
+
+def _projector_callback():
+    from transformers import TrainerCallback
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    class ProjectorCheckpointCallback(TrainerCallback):
+        """Writes the trained projector into each checkpoint (the Trainer saves only the adapter)."""
+
+        def on_save(self, args, state, control, model=None, **kwargs):
+            if state.is_world_process_zero and model is not None:
+                checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+                save_projector(model, checkpoint)
+            return control
+
+    return ProjectorCheckpointCallback()
+
+
+def _route_logs_to_logging(trainer) -> None:
+    """Send the Trainer's per-step log dicts to our logger (stderr) instead of ``print``/``tqdm.write``.
+
+    Stdout stays free for what a command means to output (the CLI's result line, the demo's tables);
+    the progress bar (stderr) stays.
+    """
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback, TrainerCallback
+
+    class _LogCallback(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and logs:
+                shown = {k: round(v, 6) if isinstance(v, float) else v for k, v in logs.items()}
+                logger.info("step %d: %s", state.global_step, shown)
+
+    class _BarOnlyProgressCallback(ProgressCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            return None
+
+    trainer.remove_callback(PrinterCallback)
+    if trainer.pop_callback(ProgressCallback) is not None:
+        trainer.add_callback(_BarOnlyProgressCallback())
+    trainer.add_callback(_LogCallback())
+
+
+# --------------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------------
+
+
+def run_sft(
+    config: SFTConfig,
+    resume_from_checkpoint: str | os.PathLike | None = None,
+    *,
+    callbacks: Sequence[Any] | None = None,
+) -> Path:
+    """Train with ``transformers.Trainer`` and save the final adapter.
+
+    Args:
+        config: the run's configuration.
+        resume_from_checkpoint: a ``checkpoint-N`` directory or ``"latest"`` (newest in
+            ``trainer.output_dir``): model adapter, optimiser, scheduler, RNG states and data
+            position are restored, so the losses continue as if never interrupted.
+        callbacks: extra ``transformers.TrainerCallback`` objects (e.g. to collect losses).
+
+    Returns:
+        ``<output_dir>/adapter``: the PEFT adapter directory (+ ``non_lora_trainables.safetensors``
+        with ``train_projector``). ``<output_dir>/trainer_state.json`` holds the log history,
+        ``<output_dir>/sft_config.json`` the configuration, ``<output_dir>/merged`` the merged model
+        when ``merge`` is set.
+
+    Raises:
+        ConfigError / DataError / CheckpointError: bad configuration, data rows (named by file and
+        line), or model files; raised before the model is loaded where possible.
+    """
+    from transformers import Trainer
+
+    args = build_training_arguments(config)  # validates the trainer mapping before any loading
+    output_dir = Path(args.output_dir)
+    resume = resolve_resume_checkpoint(resume_from_checkpoint, output_dir)
+    examples = _read_examples(config)  # bad rows fail here, before minutes of model loading
+    if resume is None and output_dir.is_dir() and any(output_dir.glob("checkpoint-*")):
+        logger.warning("%s already holds checkpoints; this run starts from scratch (pass --resume latest "
+                       "to continue one)", output_dir)
+
+    model = build_sft_model(config)
+    tokenizer = model.tokenizer
+    model_config = model.get_base_model().config
+    train_dataset, eval_dataset = build_datasets(config, tokenizer, model_config, examples=examples)
+    logger.info("SFT: %d training rows%s; %s", len(train_dataset),
+                f", {len(eval_dataset)} evaluation rows" if eval_dataset else "", output_dir)
+
+    all_callbacks = list(callbacks or [])
+    if config.train_projector:
+        all_callbacks.append(_projector_callback())
+        if resume is not None:
+            load_projector(model, resume)  # the Trainer restores only the adapter
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=_collator(tokenizer, model_config),
+        processing_class=tokenizer,
+        callbacks=all_callbacks or None,
+    )
+    sharded = trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled
+    if config.train_projector and sharded:
+        # Our projector file is written from the live parameters, which ZeRO-3 / FSDP partition.
+        raise ConfigError("train_projector is not supported with DeepSpeed or FSDP; train it under DDP "
+                          "(torchrun / accelerate launch --multi_gpu) or leave it frozen")
+    _route_logs_to_logging(trainer)
+    trainer.train(resume_from_checkpoint=resume)
+    best = trainer.state.best_model_checkpoint
+    if config.train_projector and args.load_best_model_at_end and best:
+        load_projector(model, best)  # the Trainer reloaded the best adapter, not the projector
+
+    adapter_dir = output_dir / ADAPTER_SUBDIR
+    if sharded:
+        # Partitioned parameters: the Trainer gathers them (every process must take part).
+        trainer.save_model(str(adapter_dir))
+    elif trainer.is_world_process_zero():
+        save_sft_adapter(model, adapter_dir, with_projector=config.train_projector)
+    if trainer.is_world_process_zero():
+        trainer.save_state()
+        (output_dir / "sft_config.json").write_text(json.dumps(config.to_dict(), indent=2, default=str))
+    trainer.accelerator.wait_for_everyone()
+
+    if config.merge and trainer.is_world_process_zero():
+        del trainer, model
+        _free_memory()
+        merged = merge_sft_adapter(config, adapter_dir, output_dir / MERGED_SUBDIR)
+        logger.info("merged model written to %s", merged)
+    return adapter_dir
+
+
+def _free_memory() -> None:
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
