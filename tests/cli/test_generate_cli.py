@@ -141,6 +141,17 @@ def test_demo_runs_and_prints_its_table(tiny_release, capsys):
     assert "## Generation" in out and "tokens/s" in out and "peak MB" in out
     rows = [line for line in out.splitlines() if line.startswith("| 16bit") or line.startswith("| 4bit")]
     assert len(rows) == 2
+    for title in ("## Adapters and merge", "## SFT", "## PPO"):  # the sections later issues added
+        assert title in out
+    assert "max |logit(merged) - logit(unmerged)|" in out
+
+
+def test_demo_sections_can_be_chosen(tiny_release, capsys):
+    assert main(["demo", "--out", str(tiny_release.root), "--sections", "release", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "## Tiny release" in out and "## Generation" not in out
+    assert main(["demo", "--out", str(tiny_release.root), "--sections", "nope"]) == 1
+    assert "unknown demo section(s) nope" in capsys.readouterr().err
 
 
 def test_demo_sections_are_extensible(tiny_release, capsys, monkeypatch):

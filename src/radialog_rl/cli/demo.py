@@ -223,8 +223,32 @@ def section_generation(ctx: DemoContext) -> None:
     )
 
 
-#: The demo, in order. Append a ``Callable[[DemoContext], None]`` to add a section.
-DEMO_SECTIONS: list[Callable[[DemoContext], None]] = [section_release, section_generation]
+def section_adapters(ctx: DemoContext) -> None:
+    """The four entry points, a merge, a reload, merged-vs-unmerged logits (loading/demo.py)."""
+    from radialog_rl.loading.demo import adapters_demo_section
+
+    adapters_demo_section(ctx)
+
+
+def section_sft(ctx: DemoContext) -> None:
+    """A short SFT run on synthetic samples, loss going down (training/sft_demo.py)."""
+    from radialog_rl.training.sft_demo import sft_demo_section
+
+    sft_demo_section(ctx)
+
+
+def section_ppo(ctx: DemoContext) -> None:
+    """A few PPO steps with a toy reward, the reward curve (training/ppo/demo.py)."""
+    from radialog_rl.training.ppo.demo import ppo_demo_section
+
+    ppo_demo_section(ctx)
+
+
+#: The demo, in order. Append a ``Callable[[DemoContext], None]`` to add a section. Sections import
+#: their heavy modules when they run, so ``radialog-rl --help`` stays fast.
+DEMO_SECTIONS: list[Callable[[DemoContext], None]] = [
+    section_release, section_generation, section_adapters, section_sft, section_ppo,
+]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -265,6 +289,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--images", type=int, default=4, metavar="N", help="synthetic images (default 4)")
     p.add_argument("--max-new-tokens", type=int, default=32, metavar="N",
                    help="new tokens per report (default 32)")
+    p.add_argument("--sections", default=None, metavar="LIST",
+                   help="comma-separated subset of sections to run, by name: "
+                        + ",".join(s.__name__.removeprefix("section_") for s in DEMO_SECTIONS)
+                        + " (default: all)")
     p.set_defaults(func=run)
 
 
@@ -300,7 +328,15 @@ def run(args: argparse.Namespace) -> int:
     crop = load_llava_config(release.model_path).image_size
     ctx = DemoContext(release=release, device=device, dtype=dtype, precisions=list(args.precisions),
                       images=make_demo_images(args.images, crop), max_new_tokens=args.max_new_tokens)
-    for section in DEMO_SECTIONS:
+    sections = DEMO_SECTIONS
+    if args.sections:
+        wanted = {name.strip() for name in args.sections.split(",") if name.strip()}
+        known = {s.__name__.removeprefix("section_") for s in DEMO_SECTIONS}
+        if wanted - known:
+            raise ConfigError(f"unknown demo section(s) {', '.join(sorted(wanted - known))}; "
+                              f"choose from {', '.join(sorted(known))}")
+        sections = [s for s in DEMO_SECTIONS if s.__name__.removeprefix("section_") in wanted]
+    for section in sections:
         t0 = time.perf_counter()
         section(ctx)
         logger.info("demo: %s done in %.1f s", section.__name__, time.perf_counter() - t0)
@@ -308,5 +344,5 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["DEMO_SECTIONS", "DemoContext", "PeakMemory", "make_demo_images", "section_generation",
-           "section_release"]
+__all__ = ["DEMO_SECTIONS", "DemoContext", "PeakMemory", "make_demo_images", "section_adapters",
+           "section_generation", "section_ppo", "section_release", "section_sft"]
