@@ -106,6 +106,13 @@ _EXPORTS: dict[str, str] = {
     "PPOConfig": "radialog_rl.training.ppo.config",
     "load_ppo_config": "radialog_rl.training.ppo.config",
     "PPOTrainer": "radialog_rl.training.ppo.trainer",
+    "generate": "radialog_rl.generation",
+    "generate_reports": "radialog_rl.generation",
+    "GenerationResult": "radialog_rl.generation",
+    "encode_image_features": "radialog_rl.generation",
+    "SFTConfig": "radialog_rl.training.sft",
+    "load_sft_config": "radialog_rl.training.sft",
+    "run_sft": "radialog_rl.training.sft",
     # tiny release for tests and demos
     "make_tiny_release": "radialog_rl.testing.tiny",
     "TinyRelease": "radialog_rl.testing.tiny",

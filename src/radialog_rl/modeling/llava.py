@@ -359,14 +359,16 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM):
             sequence (``T' = T`` when the input was already expanded).
         """
         cache = cache if cache is not None else past_key_values
-        if inputs_embeds is None and input_ids is not None:
+        past_len = cache.get_seq_length() if cache is not None else 0
+        # Decode steps (a cache is filled) only ever see sampled text tokens: skip the placeholder
+        # scan there, it would cost a device sync per generated token.
+        if inputs_embeds is None and input_ids is not None and past_len == 0:
             has_images = images is not None or image_features is not None
             if has_images or bool((input_ids == IMAGE_TOKEN_INDEX).any()):
                 inputs_embeds, attention_mask, labels, input_ids = self.prepare_multimodal_inputs(
                     input_ids, attention_mask, labels, images, prior_images, image_features
                 )
                 input_ids = None
-        past_len = cache.get_seq_length() if cache is not None else 0
         if position_ids is None and attention_mask is not None and past_len == 0:
             position_ids = position_ids_from_attention_mask(attention_mask)
         return super().forward(
