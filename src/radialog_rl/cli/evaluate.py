@@ -11,6 +11,8 @@ import argparse
 import logging
 from pathlib import Path
 
+from radialog_rl.cli.arguments import positive_int
+
 logger = logging.getLogger(__name__)
 
 _DESCRIPTION = """\
@@ -31,16 +33,6 @@ examples:
   radialog-rl evaluate preds.jsonl --scale 100 --json > metrics.json"""
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``evaluate`` subcommand to the ``radialog-rl`` parser."""
     p = subparsers.add_parser(
@@ -51,13 +43,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("predictions", type=Path, metavar="PREDICTIONS", help="predictions .jsonl or .csv file")
-    p.add_argument("--scale", type=_positive_int, default=10,
+    p.add_argument("--scale", type=positive_int, default=10,
                    help="top of the confidence scale: 10 (default) or 100")
-    p.add_argument("--bins", type=_positive_int, default=None, metavar="N",
+    p.add_argument("--bins", type=positive_int, default=None, metavar="N",
                    help="number of confidence bins (default: scale+1 up to 10, else 11)")
     p.add_argument("--plot", type=Path, metavar="PNG", help="write a reliability diagram to this PNG")
     p.add_argument("--hist", type=Path, metavar="PNG", help="write a confidence histogram to this PNG")
-    p.add_argument("--dpi", type=_positive_int, default=100, help="resolution of the PNGs (default 100)")
+    p.add_argument("--dpi", type=positive_int, default=100, help="resolution of the PNGs (default 100)")
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
     p.add_argument("--skip-bad-rows", action="store_true",
                    help="drop unreadable rows with a warning instead of failing")

@@ -14,6 +14,8 @@ import sys
 import time
 from pathlib import Path
 
+from radialog_rl.cli.arguments import positive_int
+
 logger = logging.getLogger(__name__)
 
 _DESCRIPTION = """\
@@ -42,16 +44,6 @@ examples:
       --precision 4bit --batch-size 16 --output reports.jsonl
   radialog-rl make-tiny /tmp/tiny && radialog-rl generate --model-path /tmp/tiny/RaDialog-tiny \\
       --model-base /tmp/tiny/llava-v1.5-tiny --image cxr.png --device cpu --dtype fp32"""
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -95,9 +87,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "where the image goes (prepended when missing)")
 
     gen = p.add_argument_group("generation")
-    gen.add_argument("--max-new-tokens", type=_positive_int, default=256, metavar="N",
+    gen.add_argument("--max-new-tokens", type=positive_int, default=256, metavar="N",
                      help="most new tokens per image (default 256; RaDialog reports are ~60-150)")
-    gen.add_argument("--batch-size", type=_positive_int, default=8, metavar="N",
+    gen.add_argument("--batch-size", type=positive_int, default=8, metavar="N",
                      help="images per batch (default 8)")
     gen.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     gen.add_argument("--temperature", type=float, default=1.0, metavar="T",

@@ -11,6 +11,8 @@ import json
 import os
 from pathlib import Path
 
+from radialog_rl.cli.arguments import positive_int
+
 _DESCRIPTION = """\
 Supervised fine-tuning of RaDialog (LLaVA-1.5 + BioViL-T) on image + text conversations with
 transformers.Trainer: LoRA (RaDialog's own adapter, or a fresh one), optionally the projector,
@@ -40,16 +42,6 @@ examples:
   accelerate launch --multi_gpu --num_processes 4 -m radialog_rl sft --config configs/sft_radialog.yaml"""
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``sft`` subcommand to the ``radialog-rl`` parser."""
     p = subparsers.add_parser(
@@ -67,7 +59,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--merge", action="store_true",
                    help="after training, also merge the adapter into the 16-bit base and write a "
                         "self-contained model to OUTPUT_DIR/merged (same as merge: true)")
-    p.add_argument("--max-steps", type=_positive_int, metavar="N",
+    p.add_argument("--max-steps", type=positive_int, metavar="N",
                    help="stop after N optimiser steps (overrides trainer.max_steps and epochs)")
     p.add_argument("--output-dir", type=Path, metavar="DIR",
                    help="overrides trainer.output_dir (relative to the working directory)")
