@@ -63,15 +63,20 @@ def test_logprobs_match_the_samplers_at_the_same_temperature(tiny_release, qa_da
     torch.testing.assert_close(passes["logprobs"][valid], batch.generation_logprobs[valid], rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("flow", ["radialog_lora", "fresh_lora"])
+@pytest.mark.parametrize("flow", ["radialog_lora", "fresh_lora", "radialog_lora+checkpointing"])
 def test_first_ratio_is_exactly_one_and_kl_is_zero(tiny_release, qa_data, merged_dir, tmp_path, flow):
     extra = {"entry_point": "fresh_lora", "llava_model_path": str(merged_dir)} if flow == "fresh_lora" else {}
+    if flow.endswith("checkpointing"):  # the update runs in train mode so checkpointing is active
+        extra["gradient_checkpointing"] = True
     trainer = PPOTrainer(_config(tiny_release, qa_data, tmp_path, steps=1, **extra), reward_fn=length_reward)
     metrics = trainer.step()
     assert metrics["ppo/policy/first_ratio_max_dev"] == 0.0
     assert metrics["objective/kl"] == 0.0
     assert metrics["objective/non_score_reward"] == 0.0
     assert metrics["vision_tower_calls"] == 1  # features computed once, reused by every pass
+    llava = trainer.unwrapped.llava
+    assert llava.is_gradient_checkpointing == flow.endswith("checkpointing")
+    assert not any(m.p for m in trainer.unwrapped.modules() if isinstance(m, torch.nn.Dropout))
     # After the update the policy has moved away from the reference.
     batch = trainer.rollout()
     passes = trainer.score_passes(batch, [torch.arange(4)])

@@ -105,6 +105,21 @@ def build_ppo_model(config: PPOConfig, device: str | torch.device | None = None)
     )
 
 
+def disable_dropout(model: torch.nn.Module) -> int:
+    """Set ``p = 0`` on every dropout module (LoRA's included); returns how many were changed.
+
+    Why not just ``eval()``: the update phase runs in train mode so that gradient checkpointing
+    (active only in train mode) still saves memory; with dropout at 0 train and eval mode compute
+    the same thing for LLaMA, and the frozen BioViL-T tower keeps itself in eval mode.
+    """
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout) and module.p > 0:
+            module.p = 0.0
+            changed += 1
+    return changed
+
+
 class PPOTrainer:
     """PPO on image+text prompts. See the module docstring for one step; ``train()`` runs
     ``config.steps`` of them with metrics, checkpoints and resume.
@@ -145,11 +160,12 @@ class PPOTrainer:
                 raise ConfigError("no PPO data: set train_file in the config")
             rows = load_prompt_jsonl(config.train_file)
         self.rows = rows
-        model.eval()  # dropout off in every pass (detail 8); gradients still flow
+        disable_dropout(model)  # detail 8: every pass (rollout, scoring, update) is deterministic
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=config.learning_rate, betas=config.adam_betas,
                                       eps=config.adam_eps, weight_decay=config.weight_decay)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        self.model.eval()
         from transformers import get_scheduler
 
         updates = config.steps * config.ppo_epochs * self._optimizer_steps_per_epoch()
@@ -343,7 +359,11 @@ class PPOTrainer:
         timings["time/forward"] = time.perf_counter() - t1
 
         t2 = time.perf_counter()
-        train_stats = self._train(batch, epochs, passes, advantages, returns, mask)
+        self.model.train()
+        try:
+            train_stats = self._train(batch, epochs, passes, advantages, returns, mask)
+        finally:
+            self.model.eval()  # generation and scoring run in eval mode (KV cache, no checkpointing)
         timings["time/train"] = time.perf_counter() - t2
 
         mean_kl = self._global_mean((kl * mask).sum(1))
