@@ -97,6 +97,9 @@ def read_adapter(path: str | os.PathLike):
         logger.warning("no adapter_config.json beside %s: assuming RaDialog's LoRA configuration", weights)
         config = radialog_lora_config()
     config.inference_mode = False
+    # The adapter is attached to whatever base the caller loaded (and mapped key by key), so the
+    # base path recorded at training time is only informative; PEFT records the actual one.
+    config.base_model_name_or_path = None
     return config, load_tensor_file(weights, what="LoRA adapter")
 
 
