@@ -166,6 +166,11 @@ class PPOTrainer:
                                       eps=config.adam_eps, weight_decay=config.weight_decay)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.model.eval()
+        from accelerate.utils import DistributedType
+
+        # Under DeepSpeed the engine accumulates and steps by itself; its config's
+        # gradient_accumulation_steps must equal ours (configs/accelerate_deepspeed_zero2.yaml).
+        self._deepspeed = self.accelerator.distributed_type == DistributedType.DEEPSPEED
         from transformers import get_scheduler
 
         updates = config.steps * config.ppo_epochs * self._optimizer_steps_per_epoch()
@@ -397,7 +402,9 @@ class PPOTrainer:
                             logprobs, passes["logprobs"][idx], advantages[idx], m, cfg.cliprange)
                         vf, vf_clipfrac = L.value_loss(values, passes["values"][idx], returns[idx], m,
                                                        cfg.cliprange_value)
-                        loss = (pg + cfg.vf_coef * vf) / len(group)
+                        loss = pg + cfg.vf_coef * vf
+                        if not self._deepspeed:  # DeepSpeed divides by its own accumulation count
+                            loss = loss / len(group)
                         acc.backward(loss)
                     if epoch == 0 and start == 0 and j == 0:
                         dev = ((logprobs - passes["logprobs"][idx]).exp() - 1).abs() * m
