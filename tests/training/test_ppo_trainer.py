@@ -102,6 +102,27 @@ def test_skipped_samples_are_dropped_not_scored_zero(tiny_release, qa_data, tmp_
     assert batch.mask[0].sum() == 0 and batch.mask[3].sum() == 0 and batch.mask[1].sum() > 0
 
 
+def test_bad_ppo_rows_are_named(tmp_path):
+    from radialog_rl.errors import DataError
+    from radialog_rl.testing.data import write_synthetic_images
+    from radialog_rl.training.ppo.rollout import load_prompt_jsonl
+
+    image = write_synthetic_images(tmp_path, 1)[0].name
+    path = tmp_path / "rows.jsonl"
+    path.write_text("\n".join([
+        json.dumps({"image": image, "prompt": "ok?"}),
+        "{not json",
+        json.dumps({"prompt": "no image"}),
+        json.dumps({"image": "missing.png", "prompt": "?"}),
+    ]))
+    with pytest.raises(DataError, match=r"3 bad row\(s\).*line 2: invalid JSON.*line 3: needs 'image'.*line 4: image not found"):
+        load_prompt_jsonl(path)
+    path.write_text("\n".join([json.dumps({"image": image, "prompt": "a", "prior_image": image}),
+                               json.dumps({"image": image, "prompt": "b"})]))
+    with pytest.raises(DataError, match=r"every row has a 'prior_image' or none.*rows.jsonl line 2"):
+        load_prompt_jsonl(path)
+
+
 def test_reward_span_maps_to_the_sampled_tokens(tiny_tokenizer):
     text = 'yes {"confidence": 7}'
     ids = tiny_tokenizer(text, add_special_tokens=False).input_ids

@@ -72,6 +72,13 @@ def load_prompt_jsonl(path: str | os.PathLike) -> list[PromptRow]:
         raise DataError(f"{len(bad)} bad row(s) in {path}: " + "; ".join(bad[:5]) + more)
     if not rows:
         raise DataError(f"PPO data file {path} has no rows")
+    with_prior = [r.source for r in rows if r.prior_image is not None]
+    if with_prior and len(with_prior) != len(rows):
+        without = [r.source for r in rows if r.prior_image is None]
+        raise DataError(
+            f"{path}: either every row has a 'prior_image' or none does (BioViL-T's temporal input is "
+            f"batched); without one: {', '.join(without[:5])}"
+        )
     return rows
 
 
