@@ -123,6 +123,29 @@ def test_bad_ppo_rows_are_named(tmp_path):
         load_prompt_jsonl(path)
 
 
+def test_rewritten_texts_are_trained_on_and_spans_follow_them(tiny_release, qa_data, tmp_path):
+    """The exploration trick rewrites stated confidences; those rows are re-tokenized."""
+    from radialog_rl.calibration.rewards import RewardOutput
+
+    def rewriting_reward(samples, responses):
+        texts = [r if i % 2 else 'yes {"confidence": 3}' for i, r in enumerate(responses)]
+        spans = [(4, len(t)) if i % 2 == 0 else None for i, t in enumerate(texts)]
+        return RewardOutput(scores=[1.0] * len(texts), spans=spans, texts=texts)
+
+    trainer = PPOTrainer(_config(tiny_release, qa_data, tmp_path), reward_fn=rewriting_reward)
+    batch = trainer.rollout()
+    tok = trainer.tokenizer
+    for i in (0, 2):
+        assert batch.texts[i] == 'yes {"confidence": 3}'
+        ids = batch.response_ids[i][batch.attention_mask[i, batch.query_length:].bool()].tolist()
+        assert tok.decode(ids, skip_special_tokens=True) == 'yes {"confidence": 3}'
+        optimised = batch.response_ids[i][batch.mask[i].bool()].tolist()
+        assert tok.decode(optimised, skip_special_tokens=True).strip() == '{"confidence": 3}'
+    assert torch.equal(batch.mask[1], batch.attention_mask[1, batch.query_length:])  # untouched row
+    metrics = trainer.step()
+    assert metrics["ppo/policy/first_ratio_max_dev"] == 0.0
+
+
 def test_reward_span_maps_to_the_sampled_tokens(tiny_tokenizer):
     text = 'yes {"confidence": 7}'
     ids = tiny_tokenizer(text, add_special_tokens=False).input_ids
