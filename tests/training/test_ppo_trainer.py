@@ -96,10 +96,14 @@ def test_skipped_samples_are_dropped_not_scored_zero(tiny_release, qa_data, tmp_
     def skipping_reward(samples, responses):
         return [None, 1.0, 2.0, None]
 
-    trainer = PPOTrainer(_config(tiny_release, qa_data, tmp_path), reward_fn=skipping_reward)
+    trainer = PPOTrainer(_config(tiny_release, qa_data, tmp_path, mini_batch_size=1, gradient_accumulation_steps=1),
+                         reward_fn=skipping_reward)
     batch = trainer.rollout()
     assert batch.valid.tolist() == [False, True, True, False]
     assert batch.mask[0].sum() == 0 and batch.mask[3].sum() == 0 and batch.mask[1].sum() > 0
+    metrics = trainer.step()  # minibatches holding only a skipped sample must not poison the update
+    assert metrics["env/skipped_samples"] == 2 and metrics["env/score_mean"] == 1.5
+    assert all(torch.isfinite(p).all() for p in trainer.unwrapped.parameters() if p.requires_grad)
 
 
 def test_bad_ppo_rows_are_named(tmp_path):

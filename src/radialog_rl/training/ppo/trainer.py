@@ -403,6 +403,9 @@ class PPOTrainer:
                         vf, vf_clipfrac = L.value_loss(values, passes["values"][idx], returns[idx], m,
                                                        cfg.cliprange_value)
                         loss = pg + cfg.vf_coef * vf
+                        if not m.any():  # only skipped samples here: no signal, but keep the graph
+                            loss = (logprobs.sum() + values.sum()) * 0.0  # (DDP needs every rank's backward)
+                            pg = vf = clipfrac = vf_clipfrac = approx_kl = ratio = loss.detach()
                         if not self._deepspeed:  # DeepSpeed divides by its own accumulation count
                             loss = loss / len(group)
                         acc.backward(loss)
