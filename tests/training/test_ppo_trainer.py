@@ -104,6 +104,8 @@ def test_skipped_samples_are_dropped_not_scored_zero(tiny_release, qa_data, tmp_
     metrics = trainer.step()  # minibatches holding only a skipped sample must not poison the update
     assert metrics["env/skipped_samples"] == 2 and metrics["env/score_mean"] == 1.5
     assert all(torch.isfinite(p).all() for p in trainer.unwrapped.parameters() if p.requires_grad)
+    for key in ("ppo/loss/policy", "ppo/loss/value", "ppo/policy/approxkl", "ppo/policy/clipfrac"):
+        assert torch.isfinite(torch.tensor(metrics[key])), key
 
 
 def test_bad_ppo_rows_are_named(tmp_path):
