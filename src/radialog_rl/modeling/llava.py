@@ -107,18 +107,11 @@ class ExpandedInputs(NamedTuple):
 
 def _image_runs(row: torch.Tensor) -> list[tuple[int, int]]:
     """(start, length) of each maximal run of ``IMAGE_TOKEN_INDEX`` in a 1-D id tensor."""
-    is_img = (row == IMAGE_TOKEN_INDEX).tolist()
-    runs, i = [], 0
-    while i < len(is_img):
-        if is_img[i]:
-            j = i
-            while j < len(is_img) and is_img[j]:
-                j += 1
-            runs.append((i, j - i))
-            i = j
-        else:
-            i += 1
-    return runs
+    is_img = (row == IMAGE_TOKEN_INDEX).to(torch.int8)
+    edges = torch.diff(is_img, prepend=is_img.new_zeros(1), append=is_img.new_zeros(1))
+    starts = (edges == 1).nonzero().flatten().tolist()
+    ends = (edges == -1).nonzero().flatten().tolist()
+    return [(s, e - s) for s, e in zip(starts, ends)]
 
 
 def _images_in_run(length: int, num_image_tokens: int) -> int:
