@@ -230,6 +230,19 @@ def test_ppo_model_save_load_round_trip(tiny_release, batch, tmp_path):
     assert torch.equal(a.values, b.values) and torch.count_nonzero(a.values) > 0
 
 
+def test_adapter_loads_into_a_value_head_model(tiny_release, merged_dir):
+    from radialog_rl import load_lora_weights, radialog_lora_config
+
+    model = load_pretrained_llava_model_for_ppo_training_with_fresh_lora_adapters(
+        merged_dir, "cpu", lora_config=radialog_lora_config(r=16, lora_alpha=32), **F32)
+    state = torch.load(tiny_release.model_path / "adapter_model.bin", weights_only=True)
+    report = load_lora_weights(model, state)
+    assert len(report.loaded) == len(state) == 28
+    llava_state = model.llava.state_dict()
+    for key, value in state.items():
+        assert torch.equal(llava_state[map_adapter_key(key, "default")], value.float()), key
+
+
 def test_trl_value_head_formats_load(merged_dir, tmp_path):
     model = load_pretrained_llava_model_for_ppo_training_with_fresh_lora_adapters(merged_dir, "cpu", **F32)
     weight, bias = torch.arange(128.0).reshape(1, 128) / 100, torch.tensor([0.5])

@@ -127,11 +127,14 @@ def load_lora_weights(
 ) -> KeyReport:
     """Copy adapter tensors into adapter ``adapter_name`` of a LoRA-injected model, strictly.
 
-    ``model`` is a ``PeftModel`` or the injected ``LlavaLlamaForCausalLM``. Raises
-    :class:`CheckpointError` naming keys that found no parameter, parameters that got no tensor, and
-    shape mismatches.
+    ``model`` is a ``PeftModel``, a value-head model (:class:`LlavaWithValueHead`) or the injected
+    ``LlavaLlamaForCausalLM``. Raises :class:`CheckpointError` naming keys that found no parameter,
+    parameters that got no tensor, and shape mismatches.
     """
-    llava = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if isinstance(model, LlavaWithValueHead):
+        llava = model.llava
+    else:
+        llava = model.get_base_model() if hasattr(model, "get_base_model") else model
     targets = llava.state_dict(keep_vars=True)
     expected = lora_parameter_names(llava, adapter_name)
     report = KeyReport(what=what)
