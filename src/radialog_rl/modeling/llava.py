@@ -232,6 +232,7 @@ class LlavaLlamaModel(LlamaModel):
             config.mm_projector_type, config.mm_hidden_size, config.hidden_size
         )
 
+
 class LlavaLlamaForCausalLM(LlamaForCausalLM):
     """RaDialog's LLaVA-1.5 + BioViL-T causal LM (see the module docstring for the forward)."""
 
@@ -278,8 +279,8 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM):
             prior_images = prior_images.to(device=first.device, dtype=first.dtype)
         patches = tower.patch_features(images, prior_images)  # [N, h*w, mm_hidden]
         projector = self.model.mm_projector
-        first = next(projector.parameters())
-        return projector(patches.to(device=first.device, dtype=first.dtype))
+        reference = next(projector.parameters(), first)  # an identity projector has no parameters
+        return projector(patches.to(device=reference.device, dtype=reference.dtype))
 
     def prepare_multimodal_inputs(
         self,
