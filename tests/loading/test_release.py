@@ -292,3 +292,19 @@ def test_legacy_model_type_llava_is_read_with_our_class(tiny_release):
     from transformers import AutoConfig
 
     assert AutoConfig.for_model("llava").__class__.__name__ == "LlavaConfig"  # built-in untouched
+
+
+def test_embeddings_are_resized_to_the_tokenizer_with_a_defined_init(tiny_release):
+    from radialog_rl import load_pretrained_llava_tokenizer_with_image_support
+
+    tokenizer = load_pretrained_llava_tokenizer_with_image_support(
+        tiny_release.model_base, mm_use_im_start_end=True, mm_use_im_patch_token=True)
+    model = _load(tiny_release, tokenizer=tokenizer)
+    assert model.loading_info.resized_embeddings == (384, 387)
+    embed = model.get_input_embeddings().weight
+    head = model.get_output_embeddings().weight
+    assert embed.shape == (387, 128) and head.shape == (387, 128)
+    assert torch.isfinite(embed).all() and torch.isfinite(head).all()
+    # mean-resizing: new rows are drawn around the old rows' mean, not left as raw memory
+    old_mean = embed[:384].mean(0)
+    assert (embed[384:] - old_mean).abs().max() < 1.0
