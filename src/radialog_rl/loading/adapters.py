@@ -45,8 +45,8 @@ ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 VALUE_HEAD_FILE = "value_head.safetensors"
 TRL_VALUE_HEAD_KEYS = ("v_head.summary.weight", "v_head.summary.bias")
 # Old PEFT: "...q_proj.lora_A.weight"; current PEFT in memory: "...q_proj.lora_A.default.weight".
-_LORA_KEY = re.compile(r"\.(lora_[A-Za-z_]+)\.(weight|bias)$")
-# The same with an optional adapter-name segment (any name) before weight/bias.
+# A LoRA tensor in a file: "...q_proj.lora_A.weight", optionally with an adapter name before
+# weight/bias ("...lora_A.default.weight").
 _ADAPTER_KEY = re.compile(r"\.(lora_[A-Za-z_]+)\.(?:[A-Za-z0-9_\-]+\.)?(weight|bias)$")
 
 
@@ -103,12 +103,14 @@ def read_adapter(path: str | os.PathLike):
     return config, load_tensor_file(weights, what="LoRA adapter")
 
 
+def is_lora_key(key: str, adapter_name: str) -> bool:
+    """True for a parameter of LoRA adapter ``adapter_name`` (``...lora_A.<name>.weight``)."""
+    return re.search(rf"\.lora_[A-Za-z_]+\.{re.escape(adapter_name)}\.(weight|bias)$", key) is not None
+
+
 def lora_parameter_names(llava: nn.Module, adapter_name: str) -> set[str]:
     """State-dict keys of ``llava`` that belong to LoRA adapter ``adapter_name``."""
-    return {
-        k for k in llava.state_dict()
-        if _LORA_KEY.search(k.replace(f".{adapter_name}.", ".")) and f".{adapter_name}." in k
-    }
+    return {k for k in llava.state_dict() if is_lora_key(k, adapter_name)}
 
 
 def map_adapter_key(file_key: str, adapter_name: str) -> str:
@@ -205,17 +207,9 @@ def freeze_all_non_lora_params(model: nn.Module, trainable_adapters: list[str] |
     Returns and logs a report: trainable / total parameter counts and the trainable share.
     """
     trainable_adapters = ["default"] if trainable_adapters is None else trainable_adapters
-    marks = tuple(f".{name}." for name in trainable_adapters)
     for name, param in model.named_parameters():
-        param.requires_grad_(bool(_LORA_KEY.search(_strip_adapter(name, trainable_adapters)))
-                             and any(m in name for m in marks))
+        param.requires_grad_(any(is_lora_key(name, adapter) for adapter in trainable_adapters))
     return trainable_parameter_report(model)
-
-
-def _strip_adapter(name: str, adapters: list[str]) -> str:
-    for adapter in adapters:
-        name = name.replace(f".{adapter}.", ".")
-    return name
 
 
 def trainable_parameter_report(model: nn.Module) -> dict:

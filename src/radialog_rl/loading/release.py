@@ -221,16 +221,21 @@ def modify_model_for_image_input(model: LlavaLlamaForCausalLM, tokenizer) -> tup
     return old, new
 
 
-def _base_report_problems(info: dict) -> tuple[list, list, list]:
-    """Split from_pretrained's loading info into what is expected and what is not."""
+def _base_report_problems(info: dict) -> tuple[list[str], list[str], list[str], bool]:
+    """Split from_pretrained's loading info into what is expected and what is not.
+
+    Returns ``(missing, unexpected, mismatched, projector_loaded)``: the first three hold only the
+    keys that are problems; ``projector_loaded`` says whether the base's projector fit the config.
+    """
     later = [VISION_PREFIX + "*", PROJECTOR_PREFIX + "*"]  # filled by non_lora / tower steps
-    missing = [k for k in info.get("missing_keys", []) if not matches_any(k, later)]
+    projector = [PROJECTOR_PREFIX + "*"]
+    all_missing = list(info.get("missing_keys", []))
+    all_mismatched = [k if isinstance(k, str) else k[0] for k in info.get("mismatched_keys", [])]
+    missing = [k for k in all_missing if not matches_any(k, later)]
     unexpected = [k for k in info.get("unexpected_keys", []) if not matches_any(k, RECOMPUTED_BUFFERS)]
-    mismatched = [
-        (k if isinstance(k, str) else k[0]) for k in info.get("mismatched_keys", [])
-    ]
-    bad_mismatched = [k for k in mismatched if not matches_any(k, [PROJECTOR_PREFIX + "*"])]
-    return missing, unexpected, bad_mismatched
+    mismatched = [k for k in all_mismatched if not matches_any(k, projector)]
+    projector_loaded = not any(matches_any(k, projector) for k in all_missing + all_mismatched)
+    return missing, unexpected, mismatched, projector_loaded
 
 
 def _default_device() -> str:
@@ -300,7 +305,7 @@ def load_baseline_llava_model_with_vision_modules(
     info = LoadingInfo(model_path=str(release_dir), model_base=str(base_dir),
                        precision=spec.precision, dtype=str(spec.compute_dtype).removeprefix("torch."))
     model, base_info = _from_pretrained(base_dir, config, spec, device_map)
-    missing, unexpected, mismatched = _base_report_problems(base_info)
+    missing, unexpected, mismatched, base_has_projector = _base_report_problems(base_info)
     info.base_missing, info.base_unexpected, info.base_mismatched = missing, unexpected, mismatched
     if missing or unexpected or mismatched:
         KeyReport(
@@ -308,11 +313,6 @@ def load_baseline_llava_model_with_vision_modules(
             mismatched=[(k, (), ()) for k in mismatched],
         ).raise_if_problems("Is model_base a LLaVA-1.5 checkpoint with the same sizes as config.json?")
     info.guarded_4bit_layers = guard_cpu_4bit_layers(model)
-    base_has_projector = not any(
-        matches_any(k, [PROJECTOR_PREFIX + "*"])
-        for k in list(base_info.get("missing_keys", []))
-        + [k if isinstance(k, str) else k[0] for k in base_info.get("mismatched_keys", [])]
-    )
     # The base had a CLIP-shaped (or no) projector: from_pretrained left it randomly initialised.
     if reset_mm_projector_to_fix_wrong_shape(model, force=not base_has_projector):
         info.projector_source = "rebuilt (base projector had the wrong shape)"
