@@ -230,3 +230,25 @@ def test_two_process_ddp_run_keeps_ranks_identical(tiny_release, qa_data, tmp_pa
     assert digests[0]["world"] == 2 and digests[0]["steps"] == 2
     assert digests[0]["params"] == digests[1]["params"]
     assert digests[0]["initial"] != digests[0]["params"]  # training moved the weights
+
+
+def test_kl_early_stop_ends_the_epochs(tiny_release, qa_data, tmp_path):
+    def updates(**overrides):
+        config = _config(tiny_release, qa_data, tmp_path, ppo_epochs=3, **overrides)
+        trainer = PPOTrainer(config, reward_fn=length_reward)
+        trainer.step()
+        return trainer.scheduler.last_epoch  # one scheduler step per optimizer update
+
+    assert updates() == 3  # 3 epochs x 1 accumulation group
+    # The first update's minibatches still see the rollout policy (approx KL exactly 0); the
+    # second epoch's group sees the moved policy, exceeds the tiny target and ends the step.
+    assert updates(early_stopping=True, target_kl=1e-12) == 2
+
+
+def test_no_eos_penalty_and_score_clipping_reach_the_scores(tiny_release, qa_data, tmp_path):
+    config = _config(tiny_release, qa_data, tmp_path, max_new_tokens=1, no_eos_penalty=0.5, score_clip=2.0)
+    trainer = PPOTrainer(config, reward_fn=lambda samples, responses: [3.0] * len(responses))
+    batch = trainer.rollout()
+    expected = torch.where(batch.has_eos, torch.tensor(3.0), torch.tensor(2.5)).clamp(max=2.0)
+    assert (~batch.has_eos).any()  # one new token: almost never EOS
+    assert torch.equal(batch.scores, expected) and torch.equal(batch.raw_scores, torch.full((4,), 3.0))

@@ -32,7 +32,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--resume", metavar="CHECKPOINT", help="checkpoint directory, or 'latest' in the output dir")
     parser.add_argument("--steps", type=int, help="train until this many PPO steps (overrides the config)")
     parser.add_argument("--output-dir", help="overrides output_dir")
-    parser.add_argument("--device", help="overrides device (cpu, cuda, cuda:1)")
+    parser.add_argument("--device", help="'cpu' to force the CPU; GPUs are assigned per process by the "
+                                         "launcher (choose them with CUDA_VISIBLE_DEVICES)")
     parser.set_defaults(func=run)
 
 

@@ -32,6 +32,8 @@ class PPOConfig:
         llava_model_path: merged SFT directory (fresh_lora).
         adapter_path / value_head_path: start from a saved adapter / value head.
         precision: "16bit", "8bit" or "4bit"; dtype: compute dtype ("bf16", "fp16", "fp32").
+        device: "cpu" forces the CPU; otherwise each process uses the GPU its launcher assigns
+            (one per process; pick GPUs with ``CUDA_VISIBLE_DEVICES``).
         lora_r / lora_alpha: size of a fresh adapter (fresh_lora only; default RaDialog's 128/256).
     Data
         train_file: JSONL with ``image`` (path, relative to the file), ``prompt`` (the user

@@ -27,7 +27,7 @@ import contextlib
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -71,8 +71,7 @@ class Rollout:
     texts: list[str]
     has_eos: torch.Tensor
     reward_output: object = None
-    generation_logprobs: torch.Tensor | None = None
-    extras: dict = field(default_factory=dict)
+    generation_logprobs: torch.Tensor | None = None  # the sampler's own, when recorded (tests)
 
     @property
     def query_length(self) -> int:
@@ -421,7 +420,7 @@ class PPOTrainer:
                 self.optimizer.step()
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
-                if self._any_process(early_stop):
+                if cfg.early_stopping and self._any_process(early_stop):  # a collective: only if asked
                     logger.info("early stop: approx KL above 1.5 x target_kl (%.3f)", cfg.target_kl)
                     return stats
         return stats
