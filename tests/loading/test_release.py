@@ -306,3 +306,17 @@ def test_embeddings_are_resized_to_the_tokenizer_with_a_defined_init(tiny_releas
     # mean-resizing: new rows are drawn around the old rows' mean, not left as raw memory
     old_mean = embed[:384].mean(0)
     assert (embed[384:] - old_mean).abs().max() < 1.0
+
+
+def test_bad_config_files_are_named(tmp_path):
+    from radialog_rl import load_llava_config, resolve_model_dir
+    from radialog_rl.errors import ConfigError
+
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match=r"config.json is not valid JSON"):
+        load_llava_config(tmp_path)
+    (tmp_path / "config.json").write_text('{"model_type": "bert"}')
+    with pytest.raises(ConfigError, match="model_type 'bert'; expected a LLaVA-1.5 config"):
+        load_llava_config(tmp_path)
+    with pytest.raises(CheckpointError, match="is a file; pass the directory"):
+        resolve_model_dir(tmp_path / "config.json", what="RaDialog release")
