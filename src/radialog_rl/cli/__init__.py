@@ -50,6 +50,17 @@ def _setup_logging(debug: bool, quiet: bool) -> None:
     if not debug:
         for noisy in ("transformers", "accelerate", "peft", "httpx", "urllib3"):
             logging.getLogger(noisy).setLevel(logging.ERROR)
+    if quiet:  # -q: no progress bars either (ours follow the log level; these are the libraries')
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # read when transformers is imported
+        if "transformers.utils.logging" in sys.modules:
+            sys.modules["transformers.utils.logging"].disable_progress_bar()
+
+
+def _end_progress_bars() -> None:
+    """Close open tqdm bars so an error message starts on its own line, not after a bar."""
+    tqdm = sys.modules.get("tqdm.std")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+        bar.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     except (RadialogError, FileNotFoundError, IsADirectoryError, PermissionError) as exc:
         if args.debug:
             raise
+        _end_progress_bars()
         msg = " ".join(str(exc).split())
         print(f"radialog-rl {args.command}: error: {msg}", file=sys.stderr)
         return 1

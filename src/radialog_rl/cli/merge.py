@@ -26,7 +26,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--model-path", required=True, help="RaDialog release directory (or hub id)")
     parser.add_argument("--model-base", required=True, help="base LLaVA-1.5 directory (or hub id)")
     parser.add_argument("--adapter", help="adapter to merge (PEFT dir or adapter_model.bin); default: the one in --model-path")
-    parser.add_argument("--out", required=True, help="output directory (replaced atomically if it exists)")
+    parser.add_argument("--out", required=True,
+                        help="output directory: new or empty (written beside it, then renamed into place)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a previous export at --out (a directory holding anything else is "
+                             "always refused)")
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="dtype of the saved weights")
     parser.add_argument("--device", default="cpu", help="where to merge (default cpu)")
     parser.set_defaults(func=run)
@@ -38,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
 
     out = save_lora_merged_llava_model_to_local_dir(
         args.out, args.adapter, model_path=args.model_path, model_base=args.model_base,
-        dtype=parse_dtype(args.dtype), device=args.device,
+        dtype=parse_dtype(args.dtype), device=args.device, overwrite=args.overwrite,
     )
     print(f"merged model written to {out}")
     return 0

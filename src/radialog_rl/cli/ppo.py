@@ -29,7 +29,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", required=True, help="PPO YAML config (see below)")
-    parser.add_argument("--resume", metavar="CHECKPOINT", help="checkpoint directory, or 'latest' in the output dir")
+    parser.add_argument("--resume", metavar="CHECKPOINT",
+                        help="checkpoint directory, or 'latest' / 'previous' (newest / second newest in the "
+                             "output dir; 'previous' skips a damaged latest one)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start again in an output dir that holds a previous run (removes only its "
+                             "checkpoints, metrics.jsonl and tensorboard/)")
     parser.add_argument("--steps", type=int, help="train until this many PPO steps (overrides the config)")
     parser.add_argument("--output-dir", help="overrides output_dir")
     parser.add_argument("--device", help="'cpu' to force the CPU; GPUs are assigned per process by the "
@@ -42,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
     from radialog_rl.training.ppo.trainer import PPOTrainer
 
     config = load_ppo_config(args.config, resume_from=args.resume, steps=args.steps,
-                             output_dir=args.output_dir, device=args.device)
+                             output_dir=args.output_dir, device=args.device,
+                             overwrite=args.overwrite or None)
     trainer = PPOTrainer(config)
     history = trainer.train()
     if trainer.accelerator.is_main_process and history:

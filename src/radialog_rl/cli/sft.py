@@ -56,6 +56,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", metavar="PATH|latest",
                    help="continue from a checkpoint-N directory, or 'latest' for the newest one in "
                         "the output directory (optimiser, scheduler, RNG and data position included)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start again in an output directory that holds a previous SFT run (removes only "
+                        "its checkpoints, adapter/, merged/, runs/ and state files)")
     p.add_argument("--merge", action="store_true",
                    help="after training, also merge the adapter into the 16-bit base and write a "
                         "self-contained model to OUTPUT_DIR/merged (same as merge: true)")
@@ -75,7 +78,8 @@ def run(args: argparse.Namespace) -> int:
         trainer_overrides["max_steps"] = args.max_steps
     if args.output_dir is not None:
         trainer_overrides["output_dir"] = str(args.output_dir.expanduser().resolve())
-    config = load_sft_config(args.config, merge=True if args.merge else None, trainer=trainer_overrides)
+    config = load_sft_config(args.config, merge=True if args.merge else None,
+                             overwrite=True if args.overwrite else None, trainer=trainer_overrides)
     adapter = run_sft(config, resume_from_checkpoint=args.resume)
     if int(os.environ.get("RANK", "0")) == 0:  # one line of output, not one per process
         result = {"adapter": str(adapter)}

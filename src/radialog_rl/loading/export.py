@@ -4,20 +4,25 @@ The directory holds, in Hugging Face format: the merged LLM weights (safetensors
 removed), our ``config.json`` (with the biovil fields), the tokenizer, and
 ``non_lora_trainables.safetensors`` with the projector and vision tower under the same key
 convention as RaDialog's ``non_lora_trainables.bin`` (``base_model.model.model.*``). The baseline
-loader reads it as both ``model_base`` and ``model_path``, offline. It is written to a temporary
-directory first and renamed, so an interrupted export never leaves a half-written model.
+loader reads it as both ``model_base`` and ``model_path``, offline. It is written to a hidden sibling
+first and renamed (:mod:`radialog_rl.atomic_dir`), so an interrupted export never leaves a
+half-written model.
+
+What may be at the destination: nothing, an empty directory, or (with ``overwrite``) a previous
+export holding only export files. Anything else is refused before the model is loaded, so an export
+can never delete a folder of other files (or the working directory).
 """
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from radialog_rl.atomic_dir import atomic_dir, is_inside
 from radialog_rl.errors import ConfigError
 from radialog_rl.loading.files import save_tensor_file
 from radialog_rl.loading.release import PROJECTOR_PREFIX, VISION_PREFIX
@@ -27,15 +32,49 @@ logger = logging.getLogger(__name__)
 MERGED_NON_LORA_FILE = "non_lora_trainables.safetensors"
 
 
-def save_merged_model(model, tokenizer, out_dir: str | os.PathLike) -> Path:
+#: Names an export directory may hold (``save_pretrained`` of the model and the tokenizer).
+_EXPORT_FILES = ("*.safetensors", "*.json", "tokenizer.model", "*.jinja", "*.txt")
+
+
+def check_export_destination(out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Refuse an export destination that holds anything but a previous export (cheap; call it
+    before loading a model). Returns the resolved path.
+
+    Raises:
+        ConfigError: ``out_dir`` is a file, the working directory (or holds it), a non-empty
+            directory that is not an export, or a previous export without ``overwrite``.
+    """
+    out = Path(out_dir).expanduser().resolve()
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a new directory name")
+    if is_inside(Path.cwd(), out):
+        raise ConfigError(f"--out {out} is the working directory or one of its parents; give a new "
+                          "directory name such as ./merged")
+    if not out.is_dir() or not any(out.iterdir()):
+        return out
+    foreign = sorted(p.name for p in out.iterdir()
+                     if not p.is_file() or not any(fnmatch.fnmatch(p.name, g) for g in _EXPORT_FILES))
+    ours = (out / "config.json").is_file() and (out / MERGED_NON_LORA_FILE).is_file()
+    if not ours or foreign:
+        foreign = foreign if ours else sorted(p.name for p in out.iterdir())
+        shown = ", ".join(foreign[:5]) + (f" (+{len(foreign) - 5} more)" if len(foreign) > 5 else "")
+        raise ConfigError(f"--out {out} is not empty and is not a merged-model export"
+                          + (f" (it holds {shown})" if foreign else "")
+                          + "; nothing was written: choose a new or empty directory")
+    if not overwrite:
+        raise ConfigError(f"--out {out} already holds a merged-model export; pass --overwrite to "
+                          "replace it, or choose another directory")
+    return out
+
+
+def save_merged_model(model, tokenizer, out_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Save a merged (LoRA-free) ``LlavaLlamaForCausalLM`` as a self-contained directory.
 
-    Written to ``<out_dir>.tmp-*`` then renamed into place (an existing ``out_dir`` is replaced).
+    Written to a hidden sibling ``.<name>.tmp-*`` then renamed into place. An existing ``out_dir``
+    must be empty, or a previous export and ``overwrite`` set (:func:`check_export_destination`).
     """
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    out_dir = check_export_destination(out_dir, overwrite)
+    with atomic_dir(out_dir, replace=overwrite) as tmp:
         state = model.state_dict()
         llm_state = {k: v for k, v in state.items() if not k.startswith(VISION_PREFIX)}
         model.save_pretrained(str(tmp), state_dict=llm_state)
@@ -45,12 +84,6 @@ def save_merged_model(model, tokenizer, out_dir: str | os.PathLike) -> Path:
         }
         save_tensor_file(side, tmp / MERGED_NON_LORA_FILE)
         tokenizer.save_pretrained(str(tmp))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     logger.info("saved merged model to %s", out_dir)
     return out_dir
 
@@ -65,6 +98,7 @@ def save_lora_merged_llava_model_to_local_dir(
     precision: str = "16bit",
     force: bool = False,
     device: str | torch.device | None = "cpu",
+    overwrite: bool = False,
 ) -> Path:
     """Load RaDialog in 16-bit, merge its LoRA (or ``radialog_lora_weights_path``), and save it.
 
@@ -77,6 +111,8 @@ def save_lora_merged_llava_model_to_local_dir(
         precision: must be "16bit": merging into 4/8-bit weights re-quantises them (rounding error
             in every merged layer). ``force=True`` allows it anyway.
         device: where to merge (cpu by default: a 7B merge fits in host memory).
+        overwrite: replace a previous export at ``model_save_name`` (only an export is ever
+            replaced; any other non-empty directory is refused).
 
     Returns:
         The output directory.
@@ -90,6 +126,7 @@ def save_lora_merged_llava_model_to_local_dir(
             "in 16-bit (the default) or pass force=True"
         )
     adapter = _radialog_adapter_path(radialog_lora_weights_path, model_path)  # fail before loading
+    check_export_destination(model_save_name, overwrite)
     model = load_baseline_llava_model_with_vision_modules(
         model_path, model_base, precision=precision, device=device, dtype=dtype
     )
@@ -97,4 +134,4 @@ def save_lora_merged_llava_model_to_local_dir(
     peft_model = attach_lora(model, adapter, trainable=False)
     merged = peft_model.merge_and_unload()
     merged.config.use_cache = True
-    return save_merged_model(merged, tokenizer, model_save_name)
+    return save_merged_model(merged, tokenizer, model_save_name, overwrite=overwrite)

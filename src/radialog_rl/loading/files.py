@@ -59,6 +59,17 @@ def load_tensor_file(path: str | os.PathLike, *, what: str = "checkpoint") -> di
     return _check_tensor_dict(state, path, what)
 
 
+def load_state_file(path: str | os.PathLike, *, what: str) -> object:
+    """A weights-only pickle of training state (optimizer, scheduler, RNG): any container of
+    tensors and plain values, refused or named like :func:`load_tensor_file` when unsafe/damaged."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{what} not found: {path}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{what} {path} is empty (0 bytes)")
+    return _load_weights_only_pickle(path, what)
+
+
 def _load_weights_only_pickle(path: Path, what: str) -> object:
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=_can_mmap(path))

@@ -37,12 +37,12 @@ refused (its file is written from the live parameters).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import json
 import logging
 import os
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,8 +50,10 @@ from typing import Any
 
 import torch
 
-from radialog_rl.training.config_files import read_yaml_mapping, resolve_config_path
+from radialog_rl.atomic_dir import atomic_dir
 from radialog_rl.errors import ConfigError
+from radialog_rl.training.config_files import read_yaml_mapping, resolve_config_path
+from radialog_rl.training.run_dir import RunLock, check_not_locked, check_run_dir, remove_run_files
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +78,8 @@ NON_LORA_TRAINABLES_FILE = "non_lora_trainables.safetensors"
 #: Subdirectories of ``output_dir`` written at the end of :func:`run_sft`.
 ADAPTER_SUBDIR = "adapter"
 MERGED_SUBDIR = "merged"
+#: What an SFT run writes into ``trainer.output_dir`` (what ``overwrite`` may remove).
+RUN_FILES = ("checkpoint-*", ADAPTER_SUBDIR, MERGED_SUBDIR, "trainer_state.json", "sft_config.json", "runs")
 
 #: ``TrainingArguments`` values used unless the config's ``trainer`` mapping sets them.
 TRAINER_DEFAULTS: dict[str, Any] = {
@@ -166,6 +170,8 @@ class SFTConfig:
         merge: after training, merge the adapter (and trained projector) into the 16-bit base and
             save a self-contained model to ``<output_dir>/merged``.
         merge_dtype: dtype of the merged weights (default bf16).
+        overwrite: start again in an output_dir that holds a previous SFT run (its
+            :data:`RUN_FILES` are removed; nothing else is).
     """
 
     # model
@@ -194,6 +200,8 @@ class SFTConfig:
     # output
     merge: bool = False
     merge_dtype: str = "bf16"
+    # run
+    overwrite: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -581,17 +589,12 @@ def save_sft_adapter(model, directory: str | os.PathLike, *, with_projector: boo
     old and new files (an existing ``directory`` is replaced).
     """
     directory = Path(directory)
-    tmp = directory.with_name(f".{directory.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    # save_embedding_layers=False: embeddings are frozen, and "auto" reloads the base config
-    # (a hub lookup when model_base is a hub id) only to compare vocabulary sizes.
-    model.save_pretrained(str(tmp), selected_adapters=["default"], save_embedding_layers=False)
-    if with_projector:
-        save_projector(model, tmp)
-    if directory.exists():
-        shutil.rmtree(directory)
-    tmp.rename(directory)
+    with atomic_dir(directory, replace=True) as tmp:
+        # save_embedding_layers=False: embeddings are frozen, and "auto" reloads the base config
+        # (a hub lookup when model_base is a hub id) only to compare vocabulary sizes.
+        model.save_pretrained(str(tmp), selected_adapters=["default"], save_embedding_layers=False)
+        if with_projector:
+            save_projector(model, tmp)
     logger.info("saved the SFT adapter to %s", directory)
     return directory
 
@@ -631,7 +634,7 @@ def merge_sft_adapter(config: SFTConfig, adapter_dir: str | os.PathLike,
     if not (adapter_dir / NON_LORA_TRAINABLES_FILE).is_file():
         return save_lora_merged_llava_model_to_local_dir(
             out_dir, adapter_dir, model_path=config.model_path, model_base=model_base,
-            dtype=config.merge_dtype, device="cpu",
+            dtype=config.merge_dtype, device="cpu", overwrite=True,  # merged/ in our run dir is ours
         )
     from radialog_rl.loading.adapters import attach_lora
     from radialog_rl.loading.release import load_baseline_llava_model_with_vision_modules
@@ -643,7 +646,7 @@ def merge_sft_adapter(config: SFTConfig, adapter_dir: str | os.PathLike,
     load_projector(model, adapter_dir)
     merged = attach_lora(model, adapter_dir, trainable=False).merge_and_unload()
     merged.config.use_cache = True
-    return save_merged_model(merged, tokenizer, out_dir)
+    return save_merged_model(merged, tokenizer, out_dir, overwrite=True)
 
 
 def _projector_callback():
@@ -714,18 +717,30 @@ def run_sft(
 
     Raises:
         ConfigError / DataError / CheckpointError: bad configuration, data rows (named by file and
-        line), or model files; raised before the model is loaded where possible.
+        line), or model files; raised before the model is loaded where possible. A directory
+        holding a previous run is refused unless resuming or ``config.overwrite`` (which removes
+        only :data:`RUN_FILES`), and so is one in use by a live run.
     """
-    from transformers import Trainer
-
     args = build_training_arguments(config)  # validates the trainer mapping before any loading
     output_dir = Path(args.output_dir)
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    if main_process:
+        check_not_locked(output_dir)
+    check_run_dir(output_dir, RUN_FILES, resume=resume_from_checkpoint is not None,
+                  overwrite=config.overwrite, what="SFT")
     resume = resolve_resume_checkpoint(resume_from_checkpoint, output_dir)
     examples = _read_examples(config)  # bad rows fail here, before minutes of model loading
-    if resume is None and output_dir.is_dir() and any(output_dir.glob("checkpoint-*")):
-        logger.warning("%s already holds checkpoints; this run starts from scratch (pass --resume latest "
-                       "to continue one)", output_dir)
+    # The main process holds the output dir for the run's life (another run there is refused).
+    with RunLock(output_dir) if main_process else contextlib.nullcontext():
+        if main_process and config.overwrite:
+            remove_run_files(output_dir, RUN_FILES)
+        return _train_and_save(config, args, resume, examples, callbacks)
 
+
+def _train_and_save(config: SFTConfig, args, resume: str | None, examples, callbacks) -> Path:
+    from transformers import Trainer
+
+    output_dir = Path(args.output_dir)
     model = build_sft_model(config)
     tokenizer = model.tokenizer
     model_config = model.get_base_model().config

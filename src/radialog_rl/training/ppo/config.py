@@ -108,7 +108,8 @@ class PPOConfig:
     output_dir: str = "runs/ppo"
     save_every: int = 50
     keep_checkpoints: int | None = 3
-    resume_from: str | None = None  # a checkpoint dir, or "latest"
+    resume_from: str | None = None  # a checkpoint dir, "latest" or "previous"
+    overwrite: bool = False  # start again in an output_dir holding a previous run (removes its files)
     log_every: int = 1
     tensorboard: bool = True
 

@@ -3,9 +3,13 @@
 A checkpoint directory ``checkpoint-000050/`` holds the policy adapter (a PEFT directory under
 ``adapter/``), ``value_head.safetensors``, ``optimizer.pt``, ``scheduler.pt``, one
 ``rng_state_<rank>.pt`` per process, and ``trainer_state.json`` (step, KL controller, running score
-moments, data order, reward RNG, config). It is written to a temporary directory and renamed, so
-a run killed mid-save resumes from the previous good checkpoint (Huang et al. 2024, detail 13;
-the earlier RaDialog PPO never restored its value head).
+moments, data order, reward RNG, config). It is written to a hidden sibling and renamed
+(:mod:`radialog_rl.atomic_dir`), so a run killed mid-save resumes from the previous good checkpoint
+(Huang et al. 2024, detail 13; the earlier RaDialog PPO never restored its value head).
+
+A damaged checkpoint (a truncated ``trainer_state.json`` or ``optimizer.pt``, a file that is not a
+plain tensor pickle) is named with the damaged file before any model is loaded; the run falls back
+to the previous complete checkpoint only when asked (``--resume previous``).
 """
 
 from __future__ import annotations
@@ -16,16 +20,25 @@ import os
 import random
 import re
 import shutil
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from radialog_rl.errors import CheckpointError
+from radialog_rl.atomic_dir import commit_dir, staging_dir
+from radialog_rl.errors import CheckpointError, RadialogError
 
 logger = logging.getLogger(__name__)
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+#: Prefix of a checkpoint being written.
+TMP_PREFIX = ".tmp-"
+#: What a PPO run writes into its output directory (what ``--overwrite`` may remove).
+RUN_FILES = ("checkpoint-*", f"{TMP_PREFIX}checkpoint-*", "metrics.jsonl", "tensorboard")
+#: Files every checkpoint holds (``rng_state_<rank>.pt`` is optional: older checkpoints lack it).
+_REQUIRED = ("trainer_state.json", "optimizer.pt", "scheduler.pt", "value_head.safetensors",
+             "adapter/adapter_config.json")
 
 
 def _rng_state() -> dict:
@@ -53,10 +66,10 @@ def save_checkpoint(trainer) -> Path:
     acc = trainer.accelerator
     out = trainer.output_dir
     final = out / f"checkpoint-{trainer.step_count:06d}"
-    tmp = out / f".tmp-checkpoint-{trainer.step_count:06d}"
+    # A fixed name: every process writes its RNG file into it. The run lock makes it ours alone.
+    tmp = out / f"{TMP_PREFIX}{final.name}"
     if acc.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        staging_dir(final, name=tmp.name)
     acc.wait_for_everyone()
     torch.save(_rng_state(), tmp / f"rng_state_{acc.process_index}.pt")
     if acc.is_main_process:
@@ -77,9 +90,7 @@ def save_checkpoint(trainer) -> Path:
             "config": trainer.config.to_dict(),
         }
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2, default=str))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        commit_dir(tmp, final, replace=True)  # a checkpoint of this step from before a resume
         _rotate(out, trainer.config.keep_checkpoints)
         logger.info("saved checkpoint %s", final)
     acc.wait_for_everyone()
@@ -109,24 +120,77 @@ def list_checkpoints(out: Path) -> list[Path]:
 
 
 def find_checkpoint(resume_from: str | os.PathLike, output_dir: Path) -> Path:
-    """``"latest"`` -> the newest checkpoint in ``output_dir``; else the given directory."""
-    if str(resume_from) == "latest":
+    """``"latest"`` / ``"previous"`` -> the newest / second-newest checkpoint in ``output_dir``;
+    else the given directory. The choice is checked with :func:`check_checkpoint` (cheap: no model).
+
+    Raises:
+        CheckpointError: nothing to resume, or the checkpoint is incomplete or damaged (the message
+            names the file and, for ``latest``, suggests ``--resume previous``).
+    """
+    which = str(resume_from)
+    if which in ("latest", "previous"):
         found = list_checkpoints(output_dir)
-        if not found:
-            raise CheckpointError(f"resume_from=latest but {output_dir} has no checkpoint-* directory")
-        return found[-1]
-    path = Path(resume_from)
-    if not (path / "trainer_state.json").is_file():
-        raise CheckpointError(f"{path} is not a PPO checkpoint (no trainer_state.json)")
+        need = 1 if which == "latest" else 2
+        if len(found) < need:
+            raise CheckpointError(f"--resume {which}: {output_dir} has {len(found) or 'no'} checkpoint-* "
+                                  f"director{'y' if len(found) == 1 else 'ies'}; nothing to resume")
+        path = found[-need]
+    else:
+        path = Path(resume_from).expanduser()
+        if not (path / "trainer_state.json").is_file():
+            raise CheckpointError(f"{path} is not a PPO checkpoint (no trainer_state.json)")
+    try:
+        check_checkpoint(path)
+    except CheckpointError as exc:
+        hint = ""
+        if which == "latest":
+            found = list_checkpoints(output_dir)
+            hint = (f"; resume from the previous one with --resume previous ({found[-2].name})"
+                    if len(found) > 1 else "; there is no earlier checkpoint: start again with --overwrite")
+        raise CheckpointError(f"{exc}{hint}") from exc
     return path
+
+
+def check_checkpoint(path: Path) -> dict:
+    """Read ``trainer_state.json`` and check every other file is present and not truncated.
+
+    Torch state files are zip archives whose directory sits at the end, so opening one detects a
+    truncated file without reading its tensors. Returns the parsed trainer state.
+    """
+    for name in _REQUIRED:
+        if not (path / name).is_file():
+            raise CheckpointError(f"checkpoint {path} is incomplete: {name} is missing")
+    try:
+        state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+        if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+            raise ValueError("no integer 'step'")
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"checkpoint {path} is damaged: trainer_state.json is truncated or not valid "
+                              f"JSON ({' '.join(str(exc).split())})") from exc
+    for file in [path / "optimizer.pt", path / "scheduler.pt", *path.glob("rng_state_*.pt")]:
+        try:
+            with zipfile.ZipFile(file):
+                pass
+        except (zipfile.BadZipFile, OSError) as exc:
+            raise CheckpointError(f"checkpoint {path} is damaged: {file.name} is truncated or not a torch "
+                                  f"state file ({exc})") from exc
+    return state
 
 
 def load_checkpoint(trainer, path: Path) -> None:
     """Restore adapter, value head, optimizer, scheduler, KL controller, moments, data order, RNGs."""
+    try:
+        _restore(trainer, path, check_checkpoint(path))
+    except RadialogError as exc:
+        raise CheckpointError(f"cannot resume from {path}: {exc}") from exc
+    logger.info("resumed from %s at step %d", path, trainer.step_count)
+
+
+def _restore(trainer, path: Path, state: dict) -> None:
     from radialog_rl.loading.adapters import load_lora_weights, load_value_head, read_adapter
+    from radialog_rl.loading.files import load_state_file
 
     acc = trainer.accelerator
-    state = json.loads((path / "trainer_state.json").read_text())
     if state.get("num_processes", 1) != acc.num_processes:
         logger.warning("checkpoint was written with %s processes, resuming with %s: data order and RNG "
                        "streams will differ", state.get("num_processes"), acc.num_processes)
@@ -134,8 +198,8 @@ def load_checkpoint(trainer, path: Path) -> None:
     _, adapter_state = read_adapter(path / "adapter")
     load_lora_weights(model.pretrained_model, adapter_state, "default", what=f"policy adapter in {path}")
     load_value_head(model, path)
-    trainer.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
-    trainer.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    trainer.optimizer.load_state_dict(load_state_file(path / "optimizer.pt", what="optimizer state"))
+    trainer.scheduler.load_state_dict(load_state_file(path / "scheduler.pt", what="scheduler state"))
     trainer.kl_ctl.load_state_dict(state["kl_controller"])
     trainer.score_moments.load_state_dict(state["score_moments"])
     trainer.sampler.load_state_dict(state["sampler"])
@@ -145,7 +209,7 @@ def load_checkpoint(trainer, path: Path) -> None:
         rng.bit_generator.state = state["reward_rng"]
     rng_file = path / f"rng_state_{acc.process_index}.pt"
     if rng_file.is_file():
-        rng_state = torch.load(rng_file, weights_only=True)
+        rng_state = load_state_file(rng_file, what="RNG state")
         torch.set_rng_state(rng_state["torch"])
         if "cuda" in rng_state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng_state["cuda"])
@@ -155,4 +219,3 @@ def load_checkpoint(trainer, path: Path) -> None:
 
         random.setstate(ast.literal_eval(pn["python"]))
         np.random.set_state((pn["numpy"][0], np.array(pn["numpy"][1], dtype=np.uint32), *pn["numpy"][2:]))
-    logger.info("resumed from %s at step %d", path, trainer.step_count)

@@ -45,6 +45,14 @@ from radialog_rl.training.ppo.rollout import (
     user_message,
 )
 from radialog_rl.training.ppo.running_moments import RunningMoments, clip_scores, normalize_scores
+from radialog_rl.training.ppo.state import RUN_FILES, find_checkpoint, load_checkpoint, save_checkpoint
+from radialog_rl.training.run_dir import (
+    RunLock,
+    check_not_locked,
+    check_run_dir,
+    remove_run_files,
+    truncate_metrics,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -144,11 +152,9 @@ class PPOTrainer:
         cpu = str(config.device or "").startswith("cpu") or not torch.cuda.is_available()
         self.accelerator = accelerator or Accelerator(cpu=cpu)
         set_seed(config.seed + self.accelerator.process_index)  # different samples per process
-        if model is None:
-            model = build_ppo_model(config, device=self.accelerator.device)
-        if model.reference_mode is None:
-            raise ConfigError("the PPO model has no reference policy; build it with a PPO entry point")
-        self.tokenizer = tokenizer or model.tokenizer
+        # Cheap checks first (output dir, resume target, reward, data): a typo must not cost a 7B load.
+        self.output_dir = Path(config.output_dir)
+        self._resume_path = self._check_output_dir()
         if reward_fn is None:
             from radialog_rl.calibration.rewards import load_reward
 
@@ -159,6 +165,11 @@ class PPOTrainer:
                 raise ConfigError("no PPO data: set train_file in the config")
             rows = load_prompt_jsonl(config.train_file)
         self.rows = rows
+        if model is None:
+            model = build_ppo_model(config, device=self.accelerator.device)
+        if model.reference_mode is None:
+            raise ConfigError("the PPO model has no reference policy; build it with a PPO entry point")
+        self.tokenizer = tokenizer or model.tokenizer
         disable_dropout(model)  # detail 8: every pass (rollout, scoring, update) is deterministic
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=config.learning_rate, betas=config.adam_betas,
@@ -183,16 +194,37 @@ class PPOTrainer:
         self.step_count = 0
         self.record_generation_logprobs = False  # tests: keep the sampler's own log-probs
         self.vision_calls = 0
-        self.output_dir = Path(config.output_dir)
         self._writer = None
+        self._overwrite_pending = config.overwrite and self._resume_path is None
         llava = self.unwrapped.llava
         self.image_size = config.image_size or llava.config.image_size
         self.image_resize = config.image_resize or round(self.image_size * 512 / 448)
         llava.model.vision_tower.register_forward_hook(self._count_vision_call)
-        if config.resume_from:
-            from radialog_rl.training.ppo.state import find_checkpoint, load_checkpoint
+        if self._resume_path is not None:
+            load_checkpoint(self, self._resume_path)
 
-            load_checkpoint(self, find_checkpoint(config.resume_from, self.output_dir))
+    def _check_output_dir(self) -> Path | None:
+        """Refuse a locked or previously used output dir (no --resume/--overwrite); the checkpoint
+        to resume from, checked for damage."""
+        cfg = self.config
+        if self.accelerator.is_main_process:
+            check_not_locked(self.output_dir)
+        check_run_dir(self.output_dir, RUN_FILES, resume=bool(cfg.resume_from), overwrite=cfg.overwrite,
+                      what="PPO")
+        return find_checkpoint(cfg.resume_from, self.output_dir) if cfg.resume_from else None
+
+    @contextlib.contextmanager
+    def _holding_output_dir(self):
+        """The main process holds the run lock while steps write metrics and checkpoints."""
+        if not self.accelerator.is_main_process:
+            yield
+            return
+        with RunLock(self.output_dir):
+            if self._overwrite_pending:
+                remove_run_files(self.output_dir, RUN_FILES)
+                self._overwrite_pending = False
+            truncate_metrics(self.output_dir / "metrics.jsonl", self.step_count)
+            yield
 
     # -- helpers ------------------------------------------------------------------------------------
     @property
@@ -477,15 +509,22 @@ class PPOTrainer:
     # -- the loop -------------------------------------------------------------------------------------
     def train(self, steps: int | None = None) -> list[dict]:
         """Run until ``steps`` (default ``config.steps``) steps are done; metrics every step to
-        ``output_dir/metrics.jsonl`` (and TensorBoard), checkpoints every ``save_every`` steps."""
-        from tqdm.auto import tqdm
+        ``output_dir/metrics.jsonl`` (and TensorBoard), checkpoints every ``save_every`` steps.
 
-        from radialog_rl.training.ppo.state import save_checkpoint
+        The output directory is locked meanwhile (:class:`~radialog_rl.training.run_dir.RunLock`);
+        ``metrics.jsonl`` rows after the current step (left by a run that resumed here) are dropped.
+        """
+        with self._holding_output_dir():
+            return self._run_steps(steps)
+
+    def _run_steps(self, steps: int | None) -> list[dict]:
+        from tqdm.auto import tqdm
 
         total = steps if steps is not None else self.config.steps
         history = []
         main = self.accelerator.is_main_process
-        bar = tqdm(total=total, initial=self.step_count, desc="PPO", disable=not main, dynamic_ncols=True)
+        bar = tqdm(total=total, initial=self.step_count, desc="PPO", dynamic_ncols=True,
+                   disable=not main or not logger.isEnabledFor(logging.INFO))  # -q: no bar
         while self.step_count < total:
             metrics = self.step()
             history.append(metrics)
