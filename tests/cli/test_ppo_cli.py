@@ -41,7 +41,8 @@ def test_ppo_cli_errors_are_one_line(tmp_path, tiny_release, capsys):
     path = _write_config(tmp_path, tiny_release, learning_rat=1e-3)
     assert main(["ppo", "--config", str(path)]) == 1
     err = capsys.readouterr().err.strip()
-    assert err == "radialog-rl ppo: error: unknown PPO config keys: learning_rat"
+    assert err == (f"radialog-rl ppo: error: {path}: unknown PPO config key(s): 'learning_rat' "
+                   "(did you mean 'learning_rate'?)")
     assert main(["ppo", "--config", str(tmp_path / "missing.yaml")]) == 1
     assert "PPO config not found" in capsys.readouterr().err
     path = _write_config(tmp_path, tiny_release, model_path=str(tmp_path / "nope"))

@@ -12,8 +12,14 @@ binary_qa_loglik, report_loglik, quadratic_blend, or module:function) and hyperp
 (defaults = the published RaDialog calibration run). Metrics go to OUTPUT_DIR/metrics.jsonl and
 TensorBoard; checkpoints to OUTPUT_DIR/checkpoint-NNNNNN.
 
+Any key can be overridden on the command line as key=value (dotted for nested keys, values read as
+YAML, paths relative to the working directory); --print-config shows the resolved config with every
+default and its documentation, and exits.
+
 examples:
   radialog-rl make-tiny .cache/tiny && radialog-rl ppo --config configs/ppo_tiny.yaml
+  radialog-rl ppo --config configs/ppo_tiny.yaml steps=20 learning_rate=5e-5 reward_params.scale=100
+  radialog-rl ppo --config configs/ppo_tiny.yaml --print-config
   radialog-rl ppo --config configs/ppo_radialog.yaml --resume latest
   accelerate launch --num_processes 4 -m radialog_rl ppo --config configs/ppo_radialog.yaml
   torchrun --nproc_per_node 2 -m radialog_rl ppo --config configs/ppo_tiny.yaml   # CPU, two processes"""
@@ -29,6 +35,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", required=True, help="PPO YAML config (see below)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="config overrides, e.g. steps=20 reward_params.scale=100")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config (defaults and documentation included) and exit")
     parser.add_argument("--resume", metavar="CHECKPOINT",
                         help="checkpoint directory, or 'latest' / 'previous' (newest / second newest in the "
                              "output dir; 'previous' skips a damaged latest one)")
@@ -46,9 +56,12 @@ def run(args: argparse.Namespace) -> int:
     from radialog_rl.training.ppo.config import load_ppo_config
     from radialog_rl.training.ppo.trainer import PPOTrainer
 
-    config = load_ppo_config(args.config, resume_from=args.resume, steps=args.steps,
+    config = load_ppo_config(args.config, args.overrides, resume_from=args.resume, steps=args.steps,
                              output_dir=args.output_dir, device=args.device,
                              overwrite=args.overwrite or None)
+    if args.print_config:
+        print(config.to_yaml(), end="")
+        return 0
     trainer = PPOTrainer(config)
     history = trainer.train()
     if trainer.accelerator.is_main_process and history:

@@ -26,7 +26,9 @@ data (train_file, eval_file: JSONL rows with image + prompt/target or conversati
 max_length, overflow), training (train_projector, gradient_checkpointing, lora_r/alpha/dropout) and
 `trainer:`, a mapping of transformers.TrainingArguments fields (output_dir, max_steps,
 learning_rate, per_device_train_batch_size, gradient_accumulation_steps, save_steps, eval_steps,
-report_to, ...). Relative paths in the file resolve against the file's folder.
+report_to, ...). Relative paths in the file resolve against the file's folder. Any key can be
+overridden on the command line as key=value (dotted for trainer.*; values read as YAML, paths
+relative to the working directory); --print-config shows the resolved config with every default.
 
 Output in trainer.output_dir: checkpoint-N/ (resumable), adapter/ (the final PEFT adapter:
 adapter_config.json + adapter_model.safetensors, plus non_lora_trainables.safetensors when the
@@ -38,6 +40,7 @@ examples:
   radialog-rl make-tiny .cache/tiny && radialog-rl sft --config configs/sft_tiny.yaml
   radialog-rl sft --config configs/sft_radialog.yaml --resume latest
   radialog-rl sft --config configs/sft_tiny.yaml --max-steps 2 --output-dir /tmp/sft-smoke
+  radialog-rl sft --config configs/sft_tiny.yaml trainer.learning_rate=1e-4 lora_r=8 --print-config
   torchrun --nproc_per_node 2 -m radialog_rl sft --config configs/sft_tiny.yaml
   accelerate launch --multi_gpu --num_processes 4 -m radialog_rl sft --config configs/sft_radialog.yaml"""
 
@@ -53,6 +56,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--config", required=True, type=Path, metavar="YAML",
                    help="the SFT config file (keys: radialog_rl.training.sft.SFTConfig)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="config overrides, e.g. trainer.learning_rate=1e-4 label_policy=all")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config (defaults and documentation included) and exit")
     p.add_argument("--resume", metavar="PATH|latest",
                    help="continue from a checkpoint-N directory, or 'latest' for the newest one in "
                         "the output directory (optimiser, scheduler, RNG and data position included)")
@@ -78,8 +85,11 @@ def run(args: argparse.Namespace) -> int:
         trainer_overrides["max_steps"] = args.max_steps
     if args.output_dir is not None:
         trainer_overrides["output_dir"] = str(args.output_dir.expanduser().resolve())
-    config = load_sft_config(args.config, merge=True if args.merge else None,
+    config = load_sft_config(args.config, args.overrides, merge=True if args.merge else None,
                              overwrite=True if args.overwrite else None, trainer=trainer_overrides)
+    if args.print_config:
+        print(config.to_yaml(), end="")
+        return 0
     adapter = run_sft(config, resume_from_checkpoint=args.resume)
     if int(os.environ.get("RANK", "0")) == 0:  # one line of output, not one per process
         result = {"adapter": str(adapter)}

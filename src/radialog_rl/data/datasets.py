@@ -75,7 +75,8 @@ LABEL_POLICIES: tuple[str, ...] = (
     "assistant_but_confidence_value",
 )
 
-_OVERFLOW_MODES = ("truncate", "error")
+#: What SFTDataset does with rows longer than max_length.
+OVERFLOW_MODES = ("truncate", "error")
 _USER_ROLES = ("human", "user")
 _ASSISTANT_ROLES = ("gpt", "assistant")
 #: How many bad rows a load error lists before "... and N more".
@@ -424,7 +425,7 @@ class SFTDataset(Dataset):
         system: str = SYSTEM_PROMPT,
     ) -> None:
         _check_policy(label_policy)
-        if overflow not in _OVERFLOW_MODES:
+        if overflow not in OVERFLOW_MODES:
             raise ConfigError(f"unknown overflow {overflow!r}; use 'truncate' or 'error'")
         if not isinstance(num_image_tokens, int) or num_image_tokens < 1:
             raise ConfigError(f"num_image_tokens must be a positive integer, got {num_image_tokens!r}")

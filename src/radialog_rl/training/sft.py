@@ -4,8 +4,8 @@ The Trainer does the training loop: gradient accumulation, evaluation, checkpoin
 best-checkpoint selection, TensorBoard, and DDP / DeepSpeed / FSDP through accelerate. This module
 is the glue around it:
 
-* :class:`SFTConfig` (flat, typed; ``trainer`` holds ``transformers.TrainingArguments`` fields) and
-  :func:`load_sft_config` for YAML files;
+* :class:`SFTConfig` (declared in :mod:`.sft_config`; ``trainer`` holds
+  ``transformers.TrainingArguments`` fields) and :func:`load_sft_config` for YAML files;
 * :func:`build_sft_model`: RaDialog with its own LoRA trainable (``entry_point: radialog_lora``) or a
   fresh/saved adapter on the baseline or on a merged directory (``fresh_lora``), 16/8/4-bit;
   optionally the ``mm_projector`` trainable too;
@@ -38,13 +38,10 @@ refused (its file is written from the live parameters).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import difflib
 import json
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,8 +49,14 @@ import torch
 
 from radialog_rl.atomic_dir import atomic_dir
 from radialog_rl.errors import ConfigError
-from radialog_rl.training.config_files import read_yaml_mapping, resolve_config_path
 from radialog_rl.training.run_dir import RunLock, check_not_locked, check_run_dir, remove_run_files
+from radialog_rl.training.sft_config import (
+    ENTRY_POINTS,
+    TRAINER_DEFAULTS,
+    SFTConfig,
+    apply_overrides,
+    load_sft_config,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -71,8 +74,6 @@ __all__ = [
     "save_sft_adapter",
 ]
 
-#: How the starting model is loaded (see :class:`SFTConfig`).
-ENTRY_POINTS = ("radialog_lora", "fresh_lora")
 #: The trained projector, beside the adapter, with RaDialog's ``base_model.model.model.*`` keys.
 NON_LORA_TRAINABLES_FILE = "non_lora_trainables.safetensors"
 #: Subdirectories of ``output_dir`` written at the end of :func:`run_sft`.
@@ -80,281 +81,6 @@ ADAPTER_SUBDIR = "adapter"
 MERGED_SUBDIR = "merged"
 #: What an SFT run writes into ``trainer.output_dir`` (what ``overwrite`` may remove).
 RUN_FILES = ("checkpoint-*", ADAPTER_SUBDIR, MERGED_SUBDIR, "trainer_state.json", "sft_config.json", "runs")
-
-#: ``TrainingArguments`` values used unless the config's ``trainer`` mapping sets them.
-TRAINER_DEFAULTS: dict[str, Any] = {
-    "num_train_epochs": 1,
-    "per_device_train_batch_size": 4,
-    "per_device_eval_batch_size": 4,
-    "gradient_accumulation_steps": 1,
-    "learning_rate": 2e-4,  # LLaVA-1.5's LoRA learning rate
-    "lr_scheduler_type": "cosine",
-    "warmup_steps": 0.03,  # a float below 1 is a fraction of the total steps
-    "weight_decay": 0.0,
-    "logging_steps": 10,
-    "logging_first_step": True,
-    "save_strategy": "steps",
-    "save_steps": 500,
-    "save_total_limit": 3,
-    "seed": 42,
-    "dataloader_num_workers": 0,
-    # Our batches are dicts of tensors the model takes as they are (images included); the default
-    # True would drop "images" because the PEFT wrapper's forward signature does not name it.
-    "remove_unused_columns": False,
-    # Evaluation only needs the loss; keeping [B, T, 32000] logits per batch costs gigabytes.
-    "prediction_loss_only": True,
-    # Every trainable parameter is used in every forward (module docstring); True would add a
-    # graph traversal per step and a DDP warning.
-    "ddp_find_unused_parameters": False,
-    "label_names": ["labels"],
-}
-
-#: ``TrainingArguments`` fields the config must not set, and why.
-_FORBIDDEN_TRAINER_KEYS = {
-    "gradient_checkpointing": "set the top-level 'gradient_checkpointing' instead (it is enabled "
-                              "while loading, before LoRA is attached, as k-bit training needs)",
-    "activation_checkpointing": "set the top-level 'gradient_checkpointing' instead",
-    "gradient_checkpointing_kwargs": "set the top-level 'gradient_checkpointing' instead",
-    "activation_checkpointing_kwargs": "set the top-level 'gradient_checkpointing' instead",
-    "resume_from_checkpoint": "pass --resume PATH|latest (run_sft(resume_from_checkpoint=...))",
-}
-
-#: What SFTDataset does with rows longer than max_length.
-OVERFLOW_MODES = ("truncate", "error")
-_PATH_FIELDS = ("model_path", "model_base", "adapter_path", "train_file", "eval_file")
-
-
-# --------------------------------------------------------------------------------------------------
-# Configuration
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class SFTConfig:
-    """Everything :func:`run_sft` needs. YAML files hold the same keys (:func:`load_sft_config`).
-
-    Model loading
-        entry_point: ``"radialog_lora"``: the RaDialog release with its own LoRA, trainable
-            (``load_pretrained_llava_model_for_sft_training``); ``"fresh_lora"``: a new adapter
-            (PEFT's initialisation, B = 0, so training starts exactly at the loaded model) on the
-            baseline (``model_path`` = RaDialog release, ``model_base`` = base LLaVA) or on a merged
-            directory (``model_path`` = the merged dir; ``model_base`` defaults to it).
-        model_path / model_base: RaDialog release (or merged dir) and base LLaVA-1.5; local
-            directories or hub ids (hub ids need the files in the local cache or a network).
-        adapter_path: the adapter to start from. radialog_lora: default the one inside
-            ``model_path``; fresh_lora: continue training a saved adapter instead of a new one.
-        precision: ``"16bit"``, ``"8bit"`` or ``"4bit"`` (QLoRA: nf4 + double quantisation).
-        dtype: compute dtype ``"bf16"`` (default), ``"fp16"`` or ``"fp32"``.
-        device: ``"cuda"`` / ``"cpu"`` (default: cuda when available). Under ``torchrun`` or
-            ``accelerate launch`` each process uses ``cuda:LOCAL_RANK``; choose GPUs with
-            ``CUDA_VISIBLE_DEVICES``.
-        device_map: e.g. ``"auto"`` to split one model over the visible GPUs (one process only).
-    Data (JSONL format: :mod:`radialog_rl.data.datasets`)
-        train_file / eval_file: JSONL files; ``eval_file`` is optional.
-        label_policy: one of ``LABEL_POLICIES`` (``assistant``, ``all``,
-            ``all_but_confidence_value``, ``assistant_but_confidence_value``).
-        max_length: longest sequence in tokens, image positions included (default: the model
-            config's ``tokenizer_model_max_length``).
-        overflow: ``"truncate"`` (warn and cut from the right) or ``"error"``.
-    Training
-        train_projector: also train ``mm_projector`` (kept in fp32; saved beside the adapter as
-            ``non_lora_trainables.safetensors``).
-        gradient_checkpointing: trade compute for activation memory (non-reentrant).
-        lora_r / lora_alpha / lora_dropout / lora_target_modules: a fresh adapter's shape
-            (fresh_lora without adapter_path only; default RaDialog's r 128, alpha 256, dropout
-            0.05, the seven LLaMA projections).
-        trainer: ``transformers.TrainingArguments`` fields (``output_dir`` is required); unset
-            fields take :data:`TRAINER_DEFAULTS`, ``report_to`` defaults to tensorboard when it is
-            installed. ``remove_unused_columns`` must stay False.
-    Output
-        merge: after training, merge the adapter (and trained projector) into the 16-bit base and
-            save a self-contained model to ``<output_dir>/merged``.
-        merge_dtype: dtype of the merged weights (default bf16).
-        overwrite: start again in an output_dir that holds a previous SFT run (its
-            :data:`RUN_FILES` are removed; nothing else is).
-    """
-
-    # model
-    entry_point: str = "radialog_lora"
-    model_path: str | None = None
-    model_base: str | None = None
-    adapter_path: str | None = None
-    precision: str = "16bit"
-    dtype: str | None = None
-    device: str | None = None
-    device_map: str | None = None
-    # data
-    train_file: str | None = None
-    eval_file: str | None = None
-    label_policy: str = "assistant"
-    max_length: int | None = None
-    overflow: str = "truncate"
-    # training
-    train_projector: bool = False
-    gradient_checkpointing: bool = False
-    lora_r: int | None = None
-    lora_alpha: int | None = None
-    lora_dropout: float | None = None
-    lora_target_modules: list[str] | None = None
-    trainer: dict[str, Any] = field(default_factory=dict)
-    # output
-    merge: bool = False
-    merge_dtype: str = "bf16"
-    # run
-    overwrite: bool = False
-
-    def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self) -> None:
-        """Check values that do not need the model (raises :class:`ConfigError`)."""
-        from radialog_rl.data.datasets import LABEL_POLICIES
-        from radialog_rl.loading.precision import parse_dtype, precision_spec
-
-        if self.entry_point not in ENTRY_POINTS:
-            raise ConfigError(f"entry_point must be one of {', '.join(ENTRY_POINTS)}, got {self.entry_point!r}")
-        precision_spec(self.precision, self.dtype)
-        parse_dtype(self.merge_dtype)
-        if self.label_policy not in LABEL_POLICIES:
-            raise ConfigError(f"label_policy must be one of {', '.join(LABEL_POLICIES)}, got {self.label_policy!r}")
-        if self.overflow not in OVERFLOW_MODES:
-            raise ConfigError(f"overflow must be 'truncate' or 'error', got {self.overflow!r}")
-        if self.max_length is not None and (not isinstance(self.max_length, int) or self.max_length < 1):
-            raise ConfigError(f"max_length must be a positive integer, got {self.max_length!r}")
-        lora = {k: getattr(self, k) for k in ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
-                if getattr(self, k) is not None}
-        if lora and (self.entry_point != "fresh_lora" or self.adapter_path):
-            raise ConfigError(
-                f"{', '.join(lora)} shape a new adapter (entry_point 'fresh_lora' without adapter_path); "
-                "a loaded adapter keeps the shape in its adapter_config.json"
-            )
-        if self.lora_dropout is not None and not 0.0 <= float(self.lora_dropout) < 1.0:
-            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
-        if self.device_map is not None and _world_size() > 1:
-            raise ConfigError("device_map splits one model over GPUs in one process; it cannot be used "
-                              "with several processes (torchrun / accelerate launch)")
-        if not isinstance(self.trainer, dict):
-            raise ConfigError(f"'trainer' must be a mapping of TrainingArguments fields, got "
-                              f"{type(self.trainer).__name__}")
-        _check_trainer_keys(self.trainer)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], base_dir: str | os.PathLike | None = None) -> SFTConfig:
-        """Build from a mapping (e.g. parsed YAML). Unknown keys are a :class:`ConfigError` (with a
-        suggestion); relative paths resolve against ``base_dir`` (see :func:`load_sft_config`)."""
-        if not isinstance(data, dict):
-            raise ConfigError(f"an SFT config must be a mapping, got {type(data).__name__}")
-        known = [f.name for f in dataclasses.fields(cls)]
-        unknown = [k for k in data if k not in known]
-        if unknown:
-            raise ConfigError("unknown SFT config key(s): " + "; ".join(_suggest(k, known) for k in unknown))
-        data = {k: _coerce_number(k, v, cls) for k, v in data.items()}
-        trainer = data.get("trainer") or {}
-        if not isinstance(trainer, dict):
-            raise ConfigError(f"'trainer' must be a mapping of TrainingArguments fields, got "
-                              f"{type(trainer).__name__}")
-        trainer = _coerce_trainer_numbers(dict(trainer))
-        if base_dir is not None:
-            for key in _PATH_FIELDS:
-                data[key] = resolve_config_path(data.get(key), base_dir, always=key in ("train_file", "eval_file"))
-            if trainer.get("output_dir"):
-                trainer["output_dir"] = resolve_config_path(trainer["output_dir"], base_dir, always=True)
-        data["trainer"] = trainer
-        return cls(**data)
-
-
-def _world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def _suggest(key: str, known: Sequence[str]) -> str:
-    close = difflib.get_close_matches(key, known, n=1)
-    return f"{key!r} (did you mean {close[0]!r}?)" if close else repr(key)
-
-
-def _coerce_number(name: str, value: Any, cls: type) -> Any:
-    """YAML reads ``2e-4`` (no dot) as a string: convert strings for numeric fields."""
-    if not isinstance(value, str):
-        return value
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    annotation = str(fields[name].type) if name in fields else ""
-    for kind in (int, float):
-        if annotation.split(" | ")[0] == kind.__name__:
-            try:
-                return kind(value)
-            except ValueError:
-                raise ConfigError(f"{name} must be a number, got {value!r}") from None
-    return value
-
-
-def _coerce_trainer_numbers(trainer: dict[str, Any]) -> dict[str, Any]:
-    """The same for numeric ``TrainingArguments`` fields (``learning_rate: 2e-4`` in YAML)."""
-    from transformers import TrainingArguments
-
-    numeric = {f.name for f in dataclasses.fields(TrainingArguments)
-               if isinstance(f.default, (int, float)) and not isinstance(f.default, bool)
-               or f.name in ("learning_rate", "warmup_steps", "max_grad_norm", "weight_decay")}
-    out = {}
-    for key, value in trainer.items():
-        if key in numeric and isinstance(value, str):
-            for kind in (int, float):
-                try:
-                    value = kind(value)
-                    break
-                except ValueError:
-                    continue
-        out[key] = value
-    return out
-
-
-def _check_trainer_keys(trainer: dict[str, Any]) -> None:
-    from transformers import TrainingArguments
-
-    known = [f.name for f in dataclasses.fields(TrainingArguments) if f.init]
-    problems = []
-    for key in trainer:
-        if key in _FORBIDDEN_TRAINER_KEYS:
-            problems.append(f"{key!r}: {_FORBIDDEN_TRAINER_KEYS[key]}")
-        elif key not in known:
-            problems.append(f"{_suggest(key, known)} is not a transformers.TrainingArguments field")
-    if trainer.get("remove_unused_columns", False):
-        problems.append("'remove_unused_columns' must be false: it would drop 'images' from the batches")
-    if problems:
-        raise ConfigError("trainer: " + "; ".join(problems))
-
-
-def load_sft_config(path: str | os.PathLike, **overrides: Any) -> SFTConfig:
-    """Read an SFT YAML file (top-level keys = :class:`SFTConfig` fields).
-
-    Relative paths in the file (``model_path``, ``model_base``, ``adapter_path``, ``train_file``,
-    ``eval_file``, ``trainer.output_dir``) are resolved against the file's folder, not the working
-    directory; a model path that does not exist there and does not start with ``./``/``../`` is
-    kept as a hub id. ``overrides`` (non-None values) replace top-level keys after resolution;
-    ``trainer`` overrides are merged into the file's ``trainer`` mapping.
-
-    Raises:
-        ConfigError: missing file, invalid YAML, unknown keys (with a suggestion), bad values.
-    """
-    path = Path(path).expanduser()
-    data = read_yaml_mapping(path, "SFT")
-    try:
-        config = SFTConfig.from_dict(data, base_dir=path.resolve().parent)
-    except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from exc
-    return apply_overrides(config, **overrides) if overrides else config
-
-
-def apply_overrides(config: SFTConfig, *, trainer: dict[str, Any] | None = None, **fields: Any) -> SFTConfig:
-    """A copy of ``config`` with top-level ``fields`` replaced (None values ignored) and ``trainer``
-    entries merged in; validated again."""
-    data = config.to_dict()
-    data.update({k: v for k, v in fields.items() if v is not None})
-    data["trainer"] = {**data["trainer"], **{k: v for k, v in (trainer or {}).items() if v is not None}}
-    return SFTConfig.from_dict(data)
-
 
 # --------------------------------------------------------------------------------------------------
 # Training arguments, model, data

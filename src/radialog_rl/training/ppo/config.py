@@ -7,159 +7,163 @@ advantages, no gradient clipping; sampling top_k 0, top_p 1, temperature 1, 50 n
 
 from __future__ import annotations
 
-import dataclasses
 import os
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import Field, model_validator
 
 from radialog_rl.errors import ConfigError
-from radialog_rl.training.config_files import read_yaml_mapping, resolve_config_path
+from radialog_rl.training.config_schema import (
+    ENTRY_POINTS,
+    ConfigModel,
+    FilePath,
+    LoraSection,
+    ModelPath,
+    ModelSection,
+    PositiveInt,
+    RunSection,
+)
+from radialog_rl.training.ppo.losses import KL_KINDS
 
-ENTRY_POINTS = ("radialog_lora", "fresh_lora")
+__all__ = ["ENTRY_POINTS", "PPOConfig", "load_ppo_config"]
+
+Positive = Annotated[float, Field(gt=0)]
+NonNegative = Annotated[float, Field(ge=0)]
 
 
-@dataclass
-class PPOConfig:
-    """Configuration of :class:`~radialog_rl.training.ppo.trainer.PPOTrainer`.
+class PPOConfig(RunSection, LoraSection, ModelSection):  # fields: model, LoRA, run, then below
+    """Configuration of :class:`~radialog_rl.training.ppo.trainer.PPOTrainer` (one YAML key per field;
+    ``radialog-rl ppo --print-config`` shows them all with their documentation and defaults).
 
-    Model loading
-        entry_point: "radialog_lora" = RaDialog + its LoRA as the starting policy, reference = a
-            frozen copy of that adapter (``load_pretrained_llava_model_for_ppo_training``);
-            "fresh_lora" = a merged SFT directory + fresh LoRA, reference = adapter disabled
-            (``load_pretrained_llava_model_for_ppo_training_with_fresh_lora_adapters``).
-        model_path / model_base: RaDialog release and base LLaVA (radialog_lora).
-        llava_model_path: merged SFT directory (fresh_lora).
-        adapter_path / value_head_path: start from a saved adapter / value head.
-        precision: "16bit", "8bit" or "4bit"; dtype: compute dtype ("bf16", "fp16", "fp32").
-        device: "cpu" forces the CPU; otherwise each process uses the GPU its launcher assigns
-            (one per process; pick GPUs with ``CUDA_VISIBLE_DEVICES``).
-        lora_r / lora_alpha: size of a fresh adapter (fresh_lora only; default RaDialog's 128/256).
-    Data
-        train_file: JSONL with ``image`` (path, relative to the file), ``prompt`` (the user
-            message; ``<image>`` is prepended when absent) and any label fields the reward reads.
-        chat_template: wrap prompts in RaDialog's conversation template.
-        image_size / image_resize: preprocessing crop and resize (default from the model config).
-    Reward
-        reward: a built-in name (``binary_qa_loglik``, ``report_loglik``, ``quadratic_blend``) or
-            ``module:function``; reward_params: its keyword arguments.
+    entry_point "radialog_lora" = RaDialog + its LoRA as the starting policy, reference = a frozen
+    copy of that adapter (``load_pretrained_llava_model_for_ppo_training``); "fresh_lora" = a merged
+    SFT directory (``llava_model_path``) + fresh LoRA, reference = adapter disabled
+    (``load_pretrained_llava_model_for_ppo_training_with_fresh_lora_adapters``).
     """
 
-    # model
-    entry_point: str = "radialog_lora"
-    model_path: str | None = None
-    model_base: str | None = None
-    llava_model_path: str | None = None
-    adapter_path: str | None = None
-    value_head_path: str | None = None
-    precision: str = "16bit"
-    dtype: str | None = None
-    device: str | None = None
-    gradient_checkpointing: bool = False
-    lora_r: int | None = None
-    lora_alpha: int | None = None
+    kind: ClassVar[str] = "PPO"
+
+    # model (shared fields: ModelSection, LoraSection)
+    llava_model_path: ModelPath = None
+    """Merged SFT directory the fresh adapter is put on (entry_point fresh_lora)."""
+    value_head_path: ModelPath = None
+    """Start from a saved value head (a directory holding value_head.safetensors)."""
     # data
-    train_file: str | None = None
+    train_file: FilePath = None
+    """JSONL with "image" (path, relative to the file), "prompt" (the user message; <image> is
+    prepended when absent) and any label fields the reward reads."""
     chat_template: bool = True
-    image_size: int | None = None
-    image_resize: int | None = None
+    """Wrap prompts in RaDialog's conversation template."""
+    image_size: PositiveInt | None = None
+    """Preprocessing crop in pixels (default from the model config)."""
+    image_resize: PositiveInt | None = None
+    """Shorter side before the crop (default round(image_size * 512 / 448))."""
     # reward
     reward: str = "binary_qa_loglik"
-    reward_params: dict[str, Any] = field(default_factory=dict)
+    """A built-in reward name (binary_qa_loglik, report_loglik, quadratic_blend) or module:function
+    (importable from the working directory or the config's folder)."""
+    reward_params: dict[str, Any] = Field(default_factory=dict)
+    """Keyword arguments of the reward."""
     # batch sizes (per process)
-    batch_size: int = 12
-    mini_batch_size: int = 4
-    gradient_accumulation_steps: int = 3
-    forward_batch_size: int | None = None  # no-grad passes; default mini_batch_size
-    ppo_epochs: int = 1
+    batch_size: PositiveInt = 12
+    """Rollout samples per PPO step and process."""
+    mini_batch_size: PositiveInt = 4
+    """Samples per forward/backward pass; batch_size must be a multiple of it."""
+    gradient_accumulation_steps: PositiveInt = 3
+    """Minibatches per optimizer step."""
+    ppo_epochs: PositiveInt = 1
+    """Passes over the batch per PPO step."""
     # optimisation
-    learning_rate: float = 1e-5
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    adam_eps: float = 1e-8
-    weight_decay: float = 0.0
-    lr_scheduler: str = "constant"  # any transformers.get_scheduler name
-    warmup_steps: int = 0
-    max_grad_norm: float | None = None
+    learning_rate: Positive = 1e-5
+    """AdamW learning rate."""
+    adam_betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.999)
+    """AdamW betas."""
+    adam_eps: Positive = 1e-8
+    """AdamW epsilon."""
+    weight_decay: NonNegative = 0.0
+    """AdamW weight decay."""
+    lr_scheduler: str = "constant"
+    """Any transformers.get_scheduler name (constant, linear, cosine, ...)."""
+    warmup_steps: Annotated[int, Field(ge=0)] = 0
+    """Scheduler warm-up in optimizer steps."""
+    max_grad_norm: Positive | None = None
+    """Clip the gradient norm to this (none: no clipping, as the published run)."""
     # PPO
-    steps: int = 1000
-    cliprange: float = 0.2
-    cliprange_value: float = 0.2
-    vf_coef: float = 0.1
-    gamma: float = 1.0
-    lam: float = 0.95
+    steps: PositiveInt = 1000
+    """Train until this many PPO steps are done."""
+    cliprange: Positive = 0.2
+    """Policy ratio clip range."""
+    cliprange_value: Positive = 0.2
+    """Value clip range."""
+    vf_coef: NonNegative = 0.1
+    """Weight of the value loss."""
+    gamma: Annotated[float, Field(ge=0, le=1)] = 1.0
+    """Discount."""
+    lam: Annotated[float, Field(ge=0, le=1)] = 0.95
+    """GAE lambda."""
     whiten_advantages: bool = True
-    init_kl_coef: float = 0.05
+    """Whiten advantages over the batch."""
+    init_kl_coef: NonNegative = 0.05
+    """Initial KL coefficient beta."""
     adaptive_kl: bool = True
-    kl_target: float = 6.0
-    kl_horizon: int = 10000
-    kl_estimator: str = "k1"  # k1 | abs | mse | k3
+    """Adapt beta towards kl_target (Ziegler et al.); fixed beta when false."""
+    kl_target: Positive = 6.0
+    """Target KL of the adaptive controller."""
+    kl_horizon: PositiveInt = 10000
+    """Horizon of the adaptive controller."""
+    kl_estimator: Literal[KL_KINDS] = "k1"
+    """Per-token KL estimator: k1 (log-ratio), abs, mse or k3."""
     early_stopping: bool = False
-    target_kl: float = 1.0  # early stop when approx KL > 1.5 * target_kl
-    score_normalization: bool = False  # divide scores by their running std
-    score_clip: float | None = None
-    no_eos_penalty: float | None = None  # subtracted from the score of responses without EOS
+    """Stop a step's epochs when approx KL > 1.5 * target_kl."""
+    target_kl: Positive = 1.0
+    """Early-stop threshold (see early_stopping)."""
+    score_normalization: bool = False
+    """Divide scores by their running standard deviation."""
+    score_clip: Positive | None = None
+    """Clip (normalised) scores to [-score_clip, score_clip]."""
+    no_eos_penalty: float | None = None
+    """Subtracted from the score of responses without EOS."""
     # sampling
-    max_new_tokens: int = 50
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
+    max_new_tokens: PositiveInt = 50
+    """Longest sampled response."""
+    temperature: Positive = 1.0
+    """Sampling temperature (> 0: PPO samples from the policy)."""
+    top_k: Annotated[int, Field(ge=0)] = 0
+    """Top-k sampling (0: off)."""
+    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
+    """Nucleus sampling (1: off)."""
     # run
     seed: int = 0
-    output_dir: str = "runs/ppo"
-    save_every: int = 50
-    keep_checkpoints: int | None = 3
-    resume_from: str | None = None  # a checkpoint dir, "latest" or "previous"
-    overwrite: bool = False  # start again in an output_dir holding a previous run (removes its files)
-    log_every: int = 1
+    """Seed (each process adds its rank)."""
+    output_dir: FilePath = "runs/ppo"
+    """Where metrics.jsonl, tensorboard/ and checkpoint-NNNNNN/ go."""
+    save_every: PositiveInt = 50
+    """Checkpoint every this many steps (and at the last step)."""
+    keep_checkpoints: PositiveInt | None = 3
+    """Keep the newest this many checkpoints (none: all)."""
+    resume_from: ModelPath = None
+    """A checkpoint directory, "latest" or "previous" (newest / second newest in output_dir)."""
+    log_every: PositiveInt = 1
+    """Write metrics every this many steps."""
     tensorboard: bool = True
+    """Also log to TensorBoard (when installed)."""
 
-    def __post_init__(self) -> None:
-        if isinstance(self.adam_betas, list):
-            self.adam_betas = tuple(self.adam_betas)
-        self.validate()
-
-    def validate(self) -> None:
-        if self.entry_point not in ENTRY_POINTS:
-            raise ConfigError(f"entry_point must be one of {ENTRY_POINTS}, got {self.entry_point!r}")
+    @model_validator(mode="after")
+    def _consistent(self) -> PPOConfig:
         if self.entry_point == "fresh_lora" and not self.llava_model_path:
             raise ConfigError("entry_point 'fresh_lora' needs llava_model_path (a merged SFT directory)")
         if self.batch_size % self.mini_batch_size:
             raise ConfigError(
                 f"batch_size ({self.batch_size}) must be a multiple of mini_batch_size ({self.mini_batch_size})"
             )
-        for name in ("batch_size", "mini_batch_size", "gradient_accumulation_steps", "ppo_epochs",
-                     "max_new_tokens", "steps", "save_every"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1")
-        if self.temperature <= 0:
-            raise ConfigError("temperature must be > 0 (PPO samples from the policy)")
-        if self.kl_estimator not in ("k1", "abs", "mse", "k3"):
-            raise ConfigError(f"kl_estimator must be k1, abs, mse or k3, got {self.kl_estimator!r}")
+        return self
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], base_dir: str | os.PathLike | None = None) -> PPOConfig:
-        """Build from a dict (e.g. YAML); unknown keys are an error; relative paths resolve
-        against ``base_dir`` (the YAML file's folder)."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown PPO config keys: {', '.join(unknown)}")
-        data = dict(data)
-        if base_dir is not None:
-            for key in ("model_path", "model_base", "llava_model_path", "adapter_path", "value_head_path",
-                        "train_file", "output_dir", "resume_from"):
-                data[key] = resolve_config_path(data.get(key), base_dir, always=key == "output_dir")
-        return cls(**data)
+    def validate(self) -> None:
+        """Check the current values again (after attributes were changed in place)."""
+        type(self)(**self.model_dump())
 
 
-def load_ppo_config(path: str | os.PathLike, **overrides) -> PPOConfig:
-    """Read a YAML file (top-level keys = :class:`PPOConfig` fields); ``overrides`` win."""
-    path = Path(path).expanduser()
-    data = read_yaml_mapping(path, "PPO")
-    config = PPOConfig.from_dict(data, base_dir=path.resolve().parent)
-    # Command-line overrides are relative to the working directory, not to the YAML file.
-    changes = {k: v for k, v in overrides.items() if v is not None}
-    return dataclasses.replace(config, **changes) if changes else config
+def load_ppo_config(path: str | os.PathLike, overrides=(), **fields) -> PPOConfig:
+    """Read a YAML file (top-level keys = :class:`PPOConfig` fields); ``key=value`` ``overrides``
+    and non-None ``fields`` win (both relative to the working directory)."""
+    return PPOConfig.load(path, overrides, **fields)
