@@ -387,6 +387,12 @@ class CalibrationReward:
             accuracies=accuracies,
         )
 
+    def check_sample(self, sample: Mapping[str, Any]) -> None:
+        """Raise :class:`DataError` when a dataset row lacks ground truth this reward can read
+        (checked for every row before training; with an ``accuracy_scorer`` the scorer decides)."""
+        if self.accuracy_scorer is None:
+            _row_accuracy(sample, "", 0)
+
     def _confidences(self, responses: Sequence[str]) -> tuple[list[str], list[int | None]]:
         if self.explore_prob > 0.0:
             return replace_confidences(responses, self.explore_prob, self.rng, self.scale)

@@ -46,6 +46,7 @@ from torch.utils.data import Dataset
 from radialog_rl.constants import DEFAULT_IMAGE_TOKEN, IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from radialog_rl.data.images import DEFAULT_CROP, DEFAULT_RESIZE, load_chest_xray
 from radialog_rl.data.prompts import EOS_TEXT, SYSTEM_PROMPT, render_conversation, report_prompt
+from radialog_rl.data.text_lines import NOT_UTF8, numbered_lines
 from radialog_rl.errors import ConfigError, DataError, ImageError
 
 __all__ = [
@@ -256,19 +257,21 @@ def load_sft_jsonl(path: str | os.PathLike[str]) -> list[SFTExample]:
     base_dir = path.resolve().parent
     examples: list[SFTExample] = []
     errors: list[str] = []
-    with path.open(encoding="utf-8-sig") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            source = f"{path.name} line {number}"
+    for number, line in numbered_lines(path):
+        if line is None:
+            errors.append(f"line {number}: {NOT_UTF8}")
+            continue
+        if not line.strip():
+            continue
+        source = f"{path.name} line {number}"
+        try:
             try:
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise _RowError(f"invalid JSON: {e.msg} (column {e.colno})") from e
-                examples.append(_parse_row(row, source, base_dir))
-            except _RowError as e:
-                errors.append(f"line {number}: {e}")
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise _RowError(f"invalid JSON: {e.msg} (column {e.colno})") from e
+            examples.append(_parse_row(row, source, base_dir))
+        except _RowError as e:
+            errors.append(f"line {number}: {e}")
     if errors:
         listed = "; ".join(errors[:_MAX_LISTED_ERRORS])
         hidden = len(errors) - _MAX_LISTED_ERRORS

@@ -39,9 +39,11 @@ the min-max range.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
 
@@ -55,12 +57,16 @@ __all__ = [
     "DEFAULT_CROP",
     "DEFAULT_RESIZE",
     "IMAGE_EXTENSIONS",
+    "ImageLimits",
     "collect_image_paths",
+    "image_header_size",
+    "image_limits",
     "load_chest_xray",
     "load_chest_xrays",
     "make_synthetic_chest_xray",
     "preprocess_chest_xray",
     "read_image_array",
+    "set_image_limits",
 ]
 
 logger = logging.getLogger(__name__)
@@ -85,6 +91,95 @@ _DICOM_DECODER_HINT = (
 #: RaDialog's defaults: shorter side to 512, then a 448 x 448 centre crop (BioViL-T's input size).
 DEFAULT_RESIZE = 512
 DEFAULT_CROP = 448
+
+
+# --------------------------------------------------------------------------------------------------
+# Size limits, checked from the header before any pixel is decoded
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """Image sizes refused before decoding (a 102-byte PNG can declare 1 x 20000 pixels and cost
+    gigabytes once decoded and resized to a 512-px shorter side).
+
+    Each limit can be changed per process with :func:`set_image_limits` or the environment
+    variables ``RADIALOG_MAX_IMAGE_PIXELS``, ``RADIALOG_MAX_IMAGE_ASPECT``, ``RADIALOG_MIN_IMAGE_SIDE``.
+    """
+
+    max_pixels: int = 50_000_000
+    """Width x height; radiograph detectors are below 20 megapixels."""
+    max_aspect: float = 8.0
+    """Long side / short side; chest radiographs are below 2."""
+    min_side: int = 16
+    """Shorter side in pixels: below it an image is no radiograph (a 1 x 1 image preprocesses
+    to all zeros)."""
+
+
+_limits = ImageLimits()
+_LIMIT_ENV = {"max_pixels": "RADIALOG_MAX_IMAGE_PIXELS", "max_aspect": "RADIALOG_MAX_IMAGE_ASPECT",
+              "min_side": "RADIALOG_MIN_IMAGE_SIDE"}
+
+
+def set_image_limits(**changes: float) -> ImageLimits:
+    """Change the process-wide :class:`ImageLimits` (e.g. ``max_pixels=200_000_000``); returns them."""
+    global _limits
+    _limits = dataclasses.replace(_limits, **changes)
+    return _limits
+
+
+def image_limits() -> ImageLimits:
+    """The limits in force: :func:`set_image_limits` values, overridden by the environment."""
+    limits = _limits
+    for name, var in _LIMIT_ENV.items():
+        if os.environ.get(var):
+            kind = type(getattr(limits, name))
+            try:
+                limits = dataclasses.replace(limits, **{name: kind(float(os.environ[var]))})
+            except ValueError:
+                raise ConfigError(f"{var}={os.environ[var]!r} is not a number") from None
+    return limits
+
+
+def image_header_size(path: PathLike) -> tuple[int, int]:
+    """``(width, height)`` read from the file's header (no pixel data decoded).
+
+    Raises:
+        ImageError: missing/empty/unreadable file, or a size outside :func:`image_limits`.
+    """
+    path = Path(path)
+    _check_file(path)
+    if _is_dicom(path):
+        pydicom, _ = _import_pydicom(path)
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            width, height = int(ds.Columns), int(ds.Rows)
+        except Exception as e:  # pydicom raises many kinds for a bad header
+            raise ImageError(f"cannot read the DICOM header of {path}: {_one_line(e)}") from e
+    else:
+        try:
+            with Image.open(path) as image:  # lazy: reads the header only
+                width, height = image.size
+        except Exception as e:
+            raise ImageError(f"cannot read {path} as an image: {_one_line(e)}. Expected a PNG/JPEG or "
+                             f"DICOM chest X-ray") from e
+    _check_limits(path, width, height)
+    return width, height
+
+
+def _check_limits(path: Path, width: int, height: int) -> None:
+    limits = image_limits()
+    short, long = min(width, height), max(width, height)
+    how = "raise the limit with {} (or radialog_rl.data.images.set_image_limits) if the image is genuine"
+    if short < limits.min_side:
+        raise ImageError(f"image {path} is {width} x {height} px, below the {limits.min_side}-px minimum "
+                         f"side of a radiograph; " + how.format(_LIMIT_ENV["min_side"]).replace("raise", "lower"))
+    if width * height > limits.max_pixels:
+        raise ImageError(f"image {path} is {width} x {height} px, above the limit of {limits.max_pixels} "
+                         f"pixels (decoding it would need gigabytes); " + how.format(_LIMIT_ENV["max_pixels"]))
+    if long / short > limits.max_aspect:
+        raise ImageError(f"image {path} is {width} x {height} px: aspect ratio {long / short:.0f}:1 is above "
+                         f"{limits.max_aspect:g}:1; " + how.format(_LIMIT_ENV["max_aspect"]))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -155,9 +250,15 @@ def _pil_to_array(image: Image.Image) -> np.ndarray:
     return array
 
 
-def _read_pil(path: Path) -> np.ndarray:
+def _read_pil(path: Path, draft_shorter_side: int | None = None) -> np.ndarray:
     try:
         with Image.open(path) as image:
+            if draft_shorter_side and image.format == "JPEG":
+                # JPEG can decode at 1/2, 1/4 or 1/8 scale: Pillow picks the smallest scale that
+                # still covers the resize target, so a 10000-px JPEG never decodes at full size.
+                target = _resized_size(*image.size, draft_shorter_side)
+                if image.size[0] >= 2 * target[0] and image.size[1] >= 2 * target[1]:
+                    image.draft(image.mode, target)
             # Image.open is lazy: load() is where truncated or corrupt pixel data is detected.
             image.load()
             array = _pil_to_array(image)
@@ -242,7 +343,7 @@ def _read_dicom(path: Path) -> np.ndarray:
     return np.asarray(array)
 
 
-def read_image_array(path: PathLike) -> np.ndarray:
+def read_image_array(path: PathLike, *, draft_shorter_side: int | None = None) -> np.ndarray:
     """Read an image file's pixels at their original bit depth.
 
     Args:
@@ -253,14 +354,19 @@ def read_image_array(path: PathLike) -> np.ndarray:
         modality and VOI LUTs, usually float64, MONOCHROME1 already inverted) or ``[H, W, C]``
         uint8 for ``LA`` (C=2), ``RGB`` (C=3) and ``RGBA`` (C=4).
 
+    Args:
+        draft_shorter_side: the shorter side the caller will resize to; a JPEG at least twice as
+            large is decoded at a reduced scale (JPEG draft mode) that still covers it.
+
     Raises:
         ImageError: the file is missing, empty, a folder, not an image, truncated or undecodable,
-            or is DICOM while pydicom (or the decoder for its compressed transfer syntax) is not
-            installed. The message names the file.
+            outside :func:`image_limits` (checked from the header, before decoding), or is DICOM
+            while pydicom (or the decoder for its compressed transfer syntax) is not installed.
+            The message names the file.
     """
     path = Path(path)
-    _check_file(path)
-    array = _read_dicom(path) if _is_dicom(path) else _read_pil(path)
+    image_header_size(path)
+    array = _read_dicom(path) if _is_dicom(path) else _read_pil(path, draft_shorter_side)
     if array.size == 0:
         raise ImageError(f"image file {path} has no pixels (shape {array.shape})")
     return array
@@ -399,7 +505,7 @@ def load_chest_xray(
     Raises:
         ImageError: the file cannot be read or its pixels are unusable (the message names the file).
     """
-    array = read_image_array(path)
+    array = read_image_array(path, draft_shorter_side=resize)
     try:
         tensor = preprocess_chest_xray(array, resize=resize, crop=crop)
     except ImageError as e:

@@ -24,10 +24,13 @@ import json
 import logging
 import os
 import pickle
+import struct
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError as _SafetensorError
 from torch import nn
 
 from radialog_rl.constants import LLAVA_BASE_HUB_ID, RADIALOG_HUB_ID
@@ -383,9 +386,42 @@ def _from_pretrained(base_dir: Path, config: LlavaLlamaConfig, spec, device_map)
             "file (loading it would run Python code; weights_only=True refused it). Only use files "
             "from sources you trust, and prefer safetensors"
         ) from exc
-    except (OSError, RuntimeError, ValueError) as exc:
+    except (OSError, RuntimeError, ValueError, EOFError, _SafetensorError) as exc:
+        damaged = _damaged_weight_file(base_dir)
+        if damaged is not None:
+            raise CheckpointError(f"cannot load base LLaVA weights: {damaged} is empty or truncated "
+                                  f"({type(exc).__name__}); download it again") from exc
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"cannot load base LLaVA weights from {base_dir}: {message}") from exc
+
+
+def _damaged_weight_file(directory: Path) -> Path | None:
+    """The first empty or truncated weight file in ``directory`` (to name it in the error), or None.
+
+    A safetensors file is truncated when it is shorter than its header says; a torch zip file when
+    its central directory (at the end) is missing.
+    """
+    for path in sorted(directory.glob("*.safetensors")) + sorted(directory.glob("*.bin")):
+        size = path.stat().st_size
+        if size == 0:
+            return path
+        if path.suffix == ".safetensors":
+            with path.open("rb") as f:
+                head = f.read(8)
+                try:
+                    header = json.loads(f.read(struct.unpack("<Q", head)[0])) if len(head) == 8 else None
+                except ValueError:
+                    return path
+            if header is None:
+                return path
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+            if size < 8 + struct.unpack("<Q", head)[0] + end:
+                return path
+        elif not zipfile.is_zipfile(path):
+            with path.open("rb") as f:
+                if f.read(2) != b"\x80\x02":  # not a legacy (protocol 2) torch pickle either
+                    return path
+    return None
 
 
 @contextlib.contextmanager

@@ -22,7 +22,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from radialog_rl.errors import ConfigError
 from radialog_rl.loading.precision import PRECISIONS, parse_dtype
@@ -62,6 +62,12 @@ class ConfigModel(BaseModel):
     )
     #: "PPO" / "SFT": the word used in messages.
     kind: ClassVar[str] = ""
+    _config_dir: str | None = PrivateAttr(default=None)
+
+    @property
+    def config_dir(self) -> str | None:
+        """The folder of the YAML file this config was read from (None when built in code)."""
+        return self._config_dir
 
     def __init__(self, /, **data: Any) -> None:
         unknown = [k for k in data if k not in type(self).model_fields]
@@ -107,7 +113,9 @@ class ConfigModel(BaseModel):
         changes = deep_merge(parse_overrides(overrides), {k: v for k, v in fields.items() if v is not None})
         try:
             data = cls.resolve_paths(data, path.resolve().parent)
-            return cls(**deep_merge(data, cls.resolve_paths(changes, Path.cwd())))
+            config = cls(**deep_merge(data, cls.resolve_paths(changes, Path.cwd())))
+            config._config_dir = str(path.resolve().parent)
+            return config
         except ConfigError as exc:
             raise ConfigError(f"{path}: {exc}") from exc
 

@@ -49,6 +49,7 @@ import torch
 
 from radialog_rl.atomic_dir import atomic_dir
 from radialog_rl.errors import ConfigError
+from radialog_rl.training.preflight import check_rows
 from radialog_rl.training.run_dir import RunLock, check_not_locked, check_run_dir, remove_run_files
 from radialog_rl.training.sft_config import (
     ENTRY_POINTS,
@@ -228,7 +229,10 @@ def _read_examples(config: SFTConfig):
     if not config.train_file:
         raise ConfigError("train_file is required (a JSONL file of image conversations)")
     train = load_sft_jsonl(config.train_file)
+    check_rows(train, what=f"SFT train_file {config.train_file}")  # image headers, before loading
     evaluation = load_sft_jsonl(config.eval_file) if config.eval_file else None
+    if evaluation:
+        check_rows(evaluation, what=f"SFT eval_file {config.eval_file}")
     return train, evaluation
 
 

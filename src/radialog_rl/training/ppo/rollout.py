@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from radialog_rl.constants import DEFAULT_IMAGE_TOKEN
+from radialog_rl.data.text_lines import NOT_UTF8, numbered_lines
 from radialog_rl.errors import DataError, RadialogError
 
 logger = logging.getLogger(__name__)
@@ -48,10 +49,13 @@ def load_prompt_jsonl(path: str | os.PathLike) -> list[PromptRow]:
     if not path.is_file():
         raise DataError(f"PPO data file not found: {path}")
     rows, bad = [], []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in numbered_lines(path):
+        where = f"{path.name} line {number}"
+        if line is None:
+            bad.append(f"{where}: {NOT_UTF8}")
+            continue
         if not line.strip():
             continue
-        where = f"{path.name} line {number}"
         try:
             data = json.loads(line)
         except json.JSONDecodeError as exc:

@@ -26,19 +26,21 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import numbers
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from radialog_rl.errors import ConfigError
+from radialog_rl.errors import ConfigError, RadialogError
 from radialog_rl.training.ppo import losses as L
 from radialog_rl.training.ppo.config import PPOConfig
 from radialog_rl.training.ppo.kl_control import make_kl_controller
 from radialog_rl.training.ppo.rollout import (
     EpochSampler,
     PromptRow,
+    RewardError,
     check_scores,
     load_prompt_jsonl,
     span_token_mask,
@@ -46,6 +48,7 @@ from radialog_rl.training.ppo.rollout import (
 )
 from radialog_rl.training.ppo.running_moments import RunningMoments, clip_scores, normalize_scores
 from radialog_rl.training.ppo.state import RUN_FILES, find_checkpoint, load_checkpoint, save_checkpoint
+from radialog_rl.training.preflight import check_rows, load_config_reward
 from radialog_rl.training.run_dir import (
     RunLock,
     check_not_locked,
@@ -156,14 +159,13 @@ class PPOTrainer:
         self.output_dir = Path(config.output_dir)
         self._resume_path = self._check_output_dir()
         if reward_fn is None:
-            from radialog_rl.calibration.rewards import load_reward
-
-            reward_fn = load_reward(config.reward, **config.reward_params)
+            reward_fn = load_config_reward(config.reward, config.reward_params, config.config_dir)
         self.reward_fn = reward_fn
         if rows is None:
             if not config.train_file:
                 raise ConfigError("no PPO data: set train_file in the config")
             rows = load_prompt_jsonl(config.train_file)
+            check_rows(rows, reward_fn, what=f"PPO train_file {config.train_file}")
         self.rows = rows
         if model is None:
             model = build_ppo_model(config, device=self.accelerator.device)
@@ -303,10 +305,24 @@ class PPOTrainer:
         )
 
     def _call_reward(self, rows: list[PromptRow], texts: list[str]):
+        """The reward's output; a reward that raises or returns non-numbers is named with the rows."""
         from radialog_rl.calibration.rewards import RewardOutput
 
-        output = self.reward_fn([r.fields for r in rows], texts)
-        return output if isinstance(output, RewardOutput) else RewardOutput(scores=list(output))
+        name = getattr(self.reward_fn, "__name__", type(self.reward_fn).__name__)
+        where = ", ".join(r.source for r in rows[:3]) + (" ..." if len(rows) > 3 else "")
+        try:
+            output = self.reward_fn([r.fields for r in rows], texts)
+            output = output if isinstance(output, RewardOutput) else RewardOutput(scores=list(output))
+        except RadialogError:
+            raise
+        except Exception as exc:
+            raise RewardError(f"reward {name} failed on the samples {where}: {type(exc).__name__}: "
+                              f"{' '.join(str(exc).split())}") from exc
+        for row, score in zip(rows, output.scores):
+            if score is not None and (isinstance(score, bool) or not isinstance(score, numbers.Real)):
+                raise RewardError(f"reward {name} returned {score!r} for {row.source}; a score must be a "
+                                  "number (or None to skip the sample)")
+        return output
 
     def _retokenize_rewritten(self, response, response_mask, old_texts, new_texts):
         """Exploration rewrote some confidences: train on the rewritten text (re-tokenized)."""
