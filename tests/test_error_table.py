@@ -179,6 +179,169 @@ def ppo_resume_previous_without_two_checkpoints(c: Ctx) -> list[str]:
     return ["ppo", "--config", str(c.ppo_yaml()), "--resume", "previous"]
 
 
+# -- bad images (items 6, 7) --------------------------------------------------------------------------
+
+
+def _ppo_with_image(c: Ctx, image) -> list[str]:
+    path = c.ppo_yaml()
+    first = c.tmp / "data" / "images" / "xray_000.png"
+    image.save(first)
+    return ["ppo", "--config", str(path)]
+
+
+def ppo_image_of_1_by_20000_pixels(c: Ctx) -> list[str]:
+    from PIL import Image
+
+    return _ppo_with_image(c, Image.new("L", (1, 20000)))
+
+
+def ppo_image_of_one_pixel(c: Ctx) -> list[str]:
+    from PIL import Image
+
+    return _ppo_with_image(c, Image.new("L", (1, 1)))
+
+
+def ppo_image_above_a_lowered_pixel_limit(c: Ctx) -> list[str]:
+    c.monkeypatch.setenv("RADIALOG_MAX_IMAGE_PIXELS", "1000")
+    return ["ppo", "--config", str(c.ppo_yaml())]
+
+
+def ppo_image_that_is_not_an_image(c: Ctx) -> list[str]:
+    path = c.ppo_yaml()
+    (c.tmp / "data" / "images" / "xray_001.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    return ["ppo", "--config", str(path)]
+
+
+# -- bad YAML values and data files (items 8, 9) --------------------------------------------------------
+
+
+def _ppo_value(**values):
+    def setup(c: Ctx) -> list[str]:
+        return ["ppo", "--config", str(c.ppo_yaml(**values))]
+
+    key = next(iter(values))
+    setup.__name__ = f"ppo_{key}_{str(values[key]).replace(' ', '')}"
+    return setup
+
+
+def _sft_value(**values):
+    def setup(c: Ctx) -> list[str]:
+        trainer = {"output_dir": "sft-run", "max_steps": 1, "report_to": "none"}
+        top = {k: v for k, v in values.items() if not k.startswith("trainer.")}
+        trainer.update({k.split(".", 1)[1]: v for k, v in values.items() if k.startswith("trainer.")})
+        return ["sft", "--config", str(c.sft_yaml(trainer=trainer, **top))]
+
+    key = next(iter(values))
+    setup.__name__ = f"sft_{key}_{values[key]}"
+    return setup
+
+
+def ppo_yaml_that_does_not_parse(c: Ctx) -> list[str]:
+    path = c.tmp / "ppo.yaml"
+    path.write_text("batch_size: [4\n")
+    return ["ppo", "--config", str(path)]
+
+
+def ppo_override_of_an_unknown_key(c: Ctx) -> list[str]:
+    return ["ppo", "--config", str(c.ppo_yaml()), "lerning_rate=1e-4"]
+
+
+def ppo_jsonl_with_a_latin1_line(c: Ctx) -> list[str]:
+    path = c.ppo_yaml()
+    data = c.tmp / "data" / "ppo_qa.jsonl"
+    data.write_bytes(data.read_bytes() + '{"image": "images/xray_000.png", "prompt": "Pleuraerguss gr\xf6\xdfer?"}\n'
+                     .encode("latin-1"))
+    return ["ppo", "--config", str(path)]
+
+
+def sft_jsonl_with_a_latin1_line(c: Ctx) -> list[str]:
+    path = c.sft_yaml()
+    data = c.tmp / "sft.jsonl"
+    data.write_bytes(data.read_bytes() + '{"image": "x.png", "prompt": "gr\xf6\xdfer?", "target": "ja"}\n'
+                     .encode("latin-1"))
+    return ["sft", "--config", str(path)]
+
+
+def ppo_label_maybe_is_found_before_the_model_loads(c: Ctx) -> list[str]:
+    path = c.ppo_yaml()
+    data = c.tmp / "data" / "ppo_qa.jsonl"
+    lines = data.read_text().splitlines()
+    row = json.loads(lines[2])
+    row["answer"] = "maybe"
+    lines[2] = json.dumps(row)
+    data.write_text("\n".join(lines) + "\n")
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the rows were checked")
+
+    c.monkeypatch.setattr("radialog_rl.training.ppo.trainer.build_ppo_model", no_model)
+    return ["ppo", "--config", str(path)]
+
+
+def _base_copy(c: Ctx) -> Path:
+    base = c.tmp / "base"
+    shutil.copytree(c.release.model_base, base)
+    return base
+
+
+def merge_with_a_zero_byte_bin_shard(c: Ctx) -> list[str]:
+    base = _base_copy(c)
+    (base / "pytorch_model-00002-of-00002.bin").write_bytes(b"")
+    return ["merge", "--model-path", str(c.release.model_path), "--model-base", str(base), "--out",
+            str(c.tmp / "out")]
+
+
+def merge_with_a_truncated_safetensors_base(c: Ctx) -> list[str]:
+    from safetensors.torch import save_file
+
+    base = _base_copy(c)
+    state = {}
+    for shard in sorted(base.glob("pytorch_model-*.bin")):
+        state.update(torch.load(shard, weights_only=True))
+        shard.unlink()
+    (base / "pytorch_model.bin.index.json").unlink()
+    save_file({k: v.contiguous() for k, v in state.items()}, base / "model.safetensors")
+    data = (base / "model.safetensors").read_bytes()
+    (base / "model.safetensors").write_bytes(data[: len(data) // 2])
+    return ["merge", "--model-path", str(c.release.model_path), "--model-base", str(base), "--out",
+            str(c.tmp / "out")]
+
+
+def merge_with_a_malicious_base_shard(c: Ctx) -> list[str]:
+    base = _base_copy(c)
+    torch.save({"payload": _RunsCode(c.marker)}, base / "pytorch_model-00002-of-00002.bin")
+    return ["merge", "--model-path", str(c.release.model_path), "--model-base", str(base), "--out",
+            str(c.tmp / "out")]
+
+
+# -- rewards (items 8, 10) -----------------------------------------------------------------------------
+
+
+def _reward_module(c: Ctx, body: str) -> str:
+    name = f"user_reward_{abs(hash(str(c.tmp))) % 10**8}"  # a fresh module name per test
+    (c.tmp / f"{name}.py").write_text(body)
+    return f"{name}:reward"
+
+
+def ppo_custom_reward_that_raises(c: Ctx) -> list[str]:
+    spec = _reward_module(c, "def reward(samples, responses):\n    raise KeyError('no grade column')\n")
+    return ["ppo", "--config", str(c.ppo_yaml(reward=spec))]
+
+
+def ppo_custom_reward_that_returns_strings(c: Ctx) -> list[str]:
+    spec = _reward_module(c, "def reward(samples, responses):\n    return ['high'] * len(responses)\n")
+    return ["ppo", "--config", str(c.ppo_yaml(reward=spec))]
+
+
+def ppo_custom_reward_that_returns_nan(c: Ctx) -> list[str]:
+    spec = _reward_module(c, "def reward(samples, responses):\n    return [float('nan')] * len(responses)\n")
+    return ["ppo", "--config", str(c.ppo_yaml(reward=spec))]
+
+
+def ppo_custom_reward_module_that_does_not_exist(c: Ctx) -> list[str]:
+    return ["ppo", "--config", str(c.ppo_yaml(reward="no_such_module_here:fn"))]
+
+
 @dataclass
 class Case:
     setup: Callable[[Ctx], list[str]]
@@ -210,6 +373,49 @@ CASES = [
     Case(ppo_resume_with_a_malicious_optimizer_pickle, ("optimizer.pt", "not a plain tensor file")),
     Case(ppo_resume_with_a_malicious_rng_state, ("rng_state_0.pt", "not a plain tensor file")),
     Case(ppo_resume_previous_without_two_checkpoints, ("--resume previous", "nothing to resume")),
+    # items 6, 7: image sizes from the header, before decoding
+    Case(ppo_image_of_1_by_20000_pixels, ("ppo_qa.jsonl line 1", "xray_000.png", "1 x 20000", "aspect ratio",
+                                          "RADIALOG_MAX_IMAGE_ASPECT")),
+    Case(ppo_image_of_one_pixel, ("ppo_qa.jsonl line 1", "1 x 1 px", "RADIALOG_MIN_IMAGE_SIDE")),
+    Case(ppo_image_above_a_lowered_pixel_limit, ("160 x 160 px", "limit of 1000 pixels")),
+    Case(ppo_image_that_is_not_an_image, ("ppo_qa.jsonl line 2", "xray_001.png", "cannot read")),
+    # item 8: bad values name the key and the file
+    Case(_ppo_value(batch_size="four"), ("ppo.yaml: batch_size", "valid integer", "'four'")),
+    Case(_ppo_value(mini_batch_size=0), ("ppo.yaml: mini_batch_size", "greater than or equal to 1")),
+    Case(_ppo_value(steps="ten"), ("ppo.yaml: steps", "'ten'")),
+    Case(_ppo_value(learning_rate="fast"), ("ppo.yaml: learning_rate", "valid number", "'fast'")),
+    Case(_ppo_value(learning_rate=-1), ("ppo.yaml: learning_rate", "greater than 0")),
+    Case(_ppo_value(reward_params=[1, 2]), ("ppo.yaml: reward_params", "dictionary")),
+    Case(_ppo_value(batch_size=4.5), ("ppo.yaml: batch_size", "fractional part")),
+    Case(_ppo_value(batch_size=3, mini_batch_size=2), ("must be a multiple of mini_batch_size (2)",)),
+    Case(_ppo_value(kl_estimator="k9"), ("ppo.yaml: kl_estimator must be one of", "'k3'", "'k9'")),
+    Case(_sft_value(**{"trainer.per_device_train_batch_size": "two"}),
+         ("sft.yaml: trainer.per_device_train_batch_size", "'two'")),
+    Case(_sft_value(**{"trainer.per_device_train_batch_size": -2}),
+         ("sft.yaml: trainer.per_device_train_batch_size", "greater than or equal to 1")),
+    Case(_sft_value(**{"trainer.per_device_train_batch_size": 0}), ("trainer.per_device_train_batch_size",)),
+    Case(_sft_value(**{"trainer.learning_rate": "fast"}), ("sft.yaml: trainer.learning_rate", "'fast'")),
+    Case(_sft_value(**{"trainer.gradient_accumulation_steps": 0}), ("trainer.gradient_accumulation_steps",)),
+    Case(_sft_value(merge="yes_please"), ("sft.yaml: merge", "valid boolean", "'yes_please'")),
+    Case(_sft_value(label_policy="everything"), ("sft.yaml: label_policy must be one of",)),
+    Case(ppo_yaml_that_does_not_parse, ("ppo.yaml is not valid YAML",)),
+    Case(ppo_override_of_an_unknown_key, ("unknown PPO config key(s): 'lerning_rate' (did you mean "
+                                          "'learning_rate'?)",)),
+    Case(ppo_jsonl_with_a_latin1_line, ("ppo_qa.jsonl line 5", "not UTF-8")),
+    Case(sft_jsonl_with_a_latin1_line, ("sft.jsonl", "line 3", "not UTF-8")),
+    Case(merge_with_a_zero_byte_bin_shard, ("pytorch_model-00002-of-00002.bin is empty or truncated",
+                                            "download it again")),
+    Case(merge_with_a_truncated_safetensors_base, ("model.safetensors is empty or truncated",)),
+    Case(merge_with_a_malicious_base_shard, ("not a plain tensor file",)),
+    # item 9: every row checked before the model load, named by file line
+    Case(ppo_label_maybe_is_found_before_the_model_loads, ("ppo_qa.jsonl line 3", "'answer' must be yes/no",
+                                                           "'maybe'")),
+    # items 8, 10: user rewards
+    Case(ppo_custom_reward_that_raises, ("reward user_reward_", "failed on the samples", "ppo_qa.jsonl line",
+                                         "KeyError", "no grade column")),
+    Case(ppo_custom_reward_that_returns_strings, ("failed on the samples ppo_qa.jsonl line", "'high'")),
+    Case(ppo_custom_reward_that_returns_nan, ("non-finite scores", "ppo_qa.jsonl line")),
+    Case(ppo_custom_reward_module_that_does_not_exist, ("cannot import module 'no_such_module_here'",)),
 ]
 
 
@@ -276,3 +482,14 @@ def test_ppo_resume_previous_skips_a_damaged_latest_and_metrics_are_truncated(
     from radialog_rl.training.ppo.state import check_checkpoint
 
     assert check_checkpoint(run / "checkpoint-000002")["step"] == 2
+
+
+def test_a_reward_module_beside_the_config_is_importable(tmp_path, tiny_release, ppo_run, monkeypatch):
+    ctx = Ctx(tmp_path, tiny_release, monkeypatch, ppo_run)
+    spec = _reward_module(ctx, "def reward(samples, responses):\n    return [1.0] * len(responses)\n")
+    path = ctx.ppo_yaml(reward=spec, steps=1)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # neither the working directory nor sys.path holds the module
+    assert main(["-q", "ppo", "--config", str(path)]) == 0
+    assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text())["env/score_mean"] == 1.0

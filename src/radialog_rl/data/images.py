@@ -171,15 +171,15 @@ def _check_limits(path: Path, width: int, height: int) -> None:
     limits = image_limits()
     short, long = min(width, height), max(width, height)
     how = "raise the limit with {} (or radialog_rl.data.images.set_image_limits) if the image is genuine"
-    if short < limits.min_side:
-        raise ImageError(f"image {path} is {width} x {height} px, below the {limits.min_side}-px minimum "
-                         f"side of a radiograph; " + how.format(_LIMIT_ENV["min_side"]).replace("raise", "lower"))
     if width * height > limits.max_pixels:
         raise ImageError(f"image {path} is {width} x {height} px, above the limit of {limits.max_pixels} "
                          f"pixels (decoding it would need gigabytes); " + how.format(_LIMIT_ENV["max_pixels"]))
-    if long / short > limits.max_aspect:
-        raise ImageError(f"image {path} is {width} x {height} px: aspect ratio {long / short:.0f}:1 is above "
+    if long / max(short, 1) > limits.max_aspect:
+        raise ImageError(f"image {path} is {width} x {height} px: aspect ratio {long / max(short, 1):.0f}:1 is above "
                          f"{limits.max_aspect:g}:1; " + how.format(_LIMIT_ENV["max_aspect"]))
+    if short < limits.min_side:
+        raise ImageError(f"image {path} is {width} x {height} px, below the {limits.min_side}-px minimum "
+                         f"side of a radiograph; " + how.format(_LIMIT_ENV["min_side"]).replace("raise", "lower"))
 
 
 # --------------------------------------------------------------------------------------------------
