@@ -493,3 +493,33 @@ def test_a_reward_module_beside_the_config_is_importable(tmp_path, tiny_release,
     monkeypatch.chdir(elsewhere)  # neither the working directory nor sys.path holds the module
     assert main(["-q", "ppo", "--config", str(path)]) == 0
     assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text())["env/score_mean"] == 1.0
+
+
+def test_kill_9_during_a_checkpoint_write_then_resume_latest_reproduces_the_run(tmp_path, tiny_release):
+    import subprocess
+    import sys
+
+    keys = ("ppo/loss/policy", "ppo/loss/value", "env/score_mean", "objective/kl")
+    straight = _ppo_yaml(tmp_path / "a", tiny_release, steps=3)
+    assert main(["-q", "ppo", "--config", str(straight)]) == 0
+    killed = _ppo_yaml(tmp_path / "b", tiny_release, steps=3)
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])}
+    result = subprocess.run([sys.executable, str(Path(__file__).parent / "kill_during_checkpoint.py"), "2",
+                             "-q", "ppo", "--config", str(killed)], env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == -9, result.stderr[-2000:]
+    run = tmp_path / "b" / "run"
+    assert (run / ".tmp-checkpoint-000002").is_dir() and not (run / "checkpoint-000002").exists()
+    # The dead run's lock is released by the kernel; the half-written checkpoint is never resumed.
+    assert main(["-q", "ppo", "--config", str(killed), "--resume", "latest"]) == 0
+    assert not (run / ".tmp-checkpoint-000002").exists()
+
+    def rows(folder):
+        return [json.loads(x) for x in (folder / "run" / "metrics.jsonl").read_text().splitlines()]
+
+    expected, got = rows(tmp_path / "a"), rows(tmp_path / "b")
+    assert [r["step"] for r in got] == [1, 2, 3]  # step 2's row from the killed run was dropped
+    for a, b in zip(expected, got):
+        for key in keys:
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key
