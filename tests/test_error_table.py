@@ -342,6 +342,58 @@ def ppo_custom_reward_module_that_does_not_exist(c: Ctx) -> list[str]:
     return ["ppo", "--config", str(c.ppo_yaml(reward="no_such_module_here:fn"))]
 
 
+# -- evaluate and generate (items 11, 12) ---------------------------------------------------------------
+
+
+def evaluate_csv_with_a_short_row(c: Ctx) -> list[str]:
+    path = c.tmp / "preds.csv"
+    path.write_text("confidence,accuracy\n7,1\n3\n9,0\n")
+    return ["evaluate", str(path)]
+
+
+def evaluate_plot_with_an_unknown_extension(c: Ctx) -> list[str]:
+    path = c.tmp / "preds.csv"
+    path.write_text("confidence,accuracy\n7,1\n3,0\n")
+    return ["evaluate", str(path), "--plot", str(c.tmp / "diagram.bmpx")]
+
+
+def _generate_args(c: Ctx, folder: Path, *extra: str) -> list[str]:
+    return ["generate", "--model-path", str(c.release.model_path), "--model-base", str(c.release.model_base),
+            "--device", "cpu", "--dtype", "fp32", "--max-new-tokens", "2", "--image", str(folder), *extra]
+
+
+def _images_with_one_bad(c: Ctx) -> Path:
+    from radialog_rl.testing.data import write_synthetic_images
+
+    folder = c.tmp / "scans"
+    write_synthetic_images(folder, 3, size=64)
+    data = (folder / "xray_001.png").read_bytes()
+    (folder / "xray_001.png").write_bytes(data[: len(data) // 2])  # header fine, pixels truncated
+    return folder
+
+
+def generate_folder_with_a_truncated_image(c: Ctx) -> list[str]:
+    return _generate_args(c, _images_with_one_bad(c), "--batch-size", "1", "--output", str(c.tmp / "out.jsonl"))
+
+
+def generate_skip_bad_still_exits_1_naming_the_image(c: Ctx) -> list[str]:
+    return _generate_args(c, _images_with_one_bad(c), "--skip-bad", "--output", str(c.tmp / "out.jsonl"))
+
+
+def generate_folder_with_an_absurd_image_header(c: Ctx) -> list[str]:
+    from PIL import Image
+
+    folder = c.tmp / "scans"
+    folder.mkdir()
+    Image.new("L", (1, 20000)).save(folder / "strip.png")
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the image headers were checked")
+
+    c.monkeypatch.setattr("radialog_rl.loading.release.load_baseline_llava_model_with_vision_modules", no_model)
+    return _generate_args(c, folder)
+
+
 @dataclass
 class Case:
     setup: Callable[[Ctx], list[str]]
@@ -416,6 +468,14 @@ CASES = [
     Case(ppo_custom_reward_that_returns_strings, ("failed on the samples ppo_qa.jsonl line", "'high'")),
     Case(ppo_custom_reward_that_returns_nan, ("non-finite scores", "ppo_qa.jsonl line")),
     Case(ppo_custom_reward_module_that_does_not_exist, ("cannot import module 'no_such_module_here'",)),
+    # item 11: evaluate
+    Case(evaluate_csv_with_a_short_row, ("preds.csv", "line 3", "fewer cells than header columns")),
+    Case(evaluate_plot_with_an_unknown_extension, ("--plot", "diagram.bmpx", ".png, .jpg")),
+    # item 12: generate
+    Case(generate_folder_with_a_truncated_image, ("xray_001.png",)),
+    Case(generate_skip_bad_still_exits_1_naming_the_image, ("1 image(s) skipped, 2 written", "xray_001.png")),
+    Case(generate_folder_with_an_absurd_image_header, ("1 of 1 image(s) cannot be used", "aspect ratio",
+                                                       "--skip-bad")),
 ]
 
 
@@ -523,3 +583,30 @@ def test_kill_9_during_a_checkpoint_write_then_resume_latest_reproduces_the_run(
     for a, b in zip(expected, got):
         for key in keys:
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key
+
+
+def test_generate_keeps_what_was_written_before_a_bad_image(tmp_path, tiny_release, monkeypatch):
+    ctx = Ctx(tmp_path, tiny_release, monkeypatch, tmp_path)
+    assert main(["-q", *generate_folder_with_a_truncated_image(ctx)]) == 1
+    rows = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [Path(r["image"]).name for r in rows] == ["xray_000.png"]  # the batch before the bad one
+    assert main(["-q", *generate_skip_bad_still_exits_1_naming_the_image(ctx)]) == 1
+    rows = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [Path(r["image"]).name for r in rows] == ["xray_000.png", "xray_002.png"]
+
+
+def test_evaluate_reads_bom_csv_green_score_and_writes_plots_in_their_format(tmp_path, capsys, caplog):
+    rows = [(7, 1), (3, 0), (9, 1), (2, 0), (8, 1), (5, 0)]
+    plain = tmp_path / "plain.csv"
+    plain.write_text("confidence,accuracy\n" + "".join(f"{c},{a}\n" for c, a in rows))
+    bom = tmp_path / "excel.csv"
+    bom.write_bytes("\ufeffconfidence,green_score\n".encode() + "".join(f"{c},{a}\n" for c, a in rows).encode())
+    assert main(["evaluate", str(plain), "--json"]) == 0
+    expected = json.loads(capsys.readouterr().out)
+    jpg, pdf = tmp_path / "diagram.jpg", tmp_path / "hist.pdf"
+    assert main(["evaluate", str(bom), "--json", "--plot", str(jpg), "--hist", str(pdf)]) == 0
+    assert json.loads(capsys.readouterr().out) == expected
+    assert jpg.read_bytes()[:2] == b"\xff\xd8" and pdf.read_bytes()[:4] == b"%PDF"
+    with caplog.at_level("WARNING"):
+        assert main(["evaluate", str(plain), "--scale", "100"]) == 0
+    assert "pass --scale 10" in caplog.text

@@ -6,7 +6,13 @@
   ``accuracy`` (a number in [0, 1] or null = not scored) or ``correct`` (true/false, 0/1,
   "yes"/"no"). Blank lines are ignored.
 * CSV (``.csv``/``.tsv``): header with ``confidence`` and ``accuracy`` columns; an empty cell is
-  missing (an empty confidence is a parse failure, as in ``shared/data/calibration-reference``).
+  missing (an empty confidence is a parse failure, as in ``shared/data/calibration-reference``); a
+  row with fewer cells than the header is a bad row, not a missing accuracy.
+
+``green_score`` is read as ``accuracy`` (the earlier RaDialog calibration work wrote its GREEN
+scores under that name). A UTF-8 byte-order mark (Excel's "CSV UTF-8") is ignored. With scale 100,
+confidences that all lie within 0..10 draw a warning (the file is probably on the 0-10 scale, and
+its ECE on 0-100 bins would be wrong).
 
 Bad rows (invalid JSON, a non-numeric value, a confidence outside 0..scale, an accuracy outside
 [0, 1], a row without an accuracy field) are collected with their 1-based line numbers; one
@@ -33,6 +39,9 @@ logger = logging.getLogger(__name__)
 
 #: How many bad lines an error/warning message names before "and N more".
 MAX_LINES_SHOWN = 5
+
+#: Column / field names read as the accuracy, first found wins.
+ACCURACY_KEYS = ("accuracy", "green_score")
 
 _JSONL_SUFFIXES = frozenset({".jsonl", ".ndjson", ".json"})
 _CSV_SUFFIXES = frozenset({".csv", ".tsv"})
@@ -119,8 +128,9 @@ def _jsonl_row(line: str, scale: int) -> tuple[float | None, float | None]:
         confidence = parse_confidence(row.get("text", row.get("response")), scale)
     else:
         raise _BadRow("no 'confidence' and no 'text'/'response' to parse it from")
-    if "accuracy" in row:
-        return confidence, _accuracy(row["accuracy"])
+    for key in ACCURACY_KEYS:
+        if key in row:
+            return confidence, _accuracy(row[key])
     if "correct" in row:
         return confidence, _correct(row["correct"])
     raise _BadRow("no 'accuracy' or 'correct' field")
@@ -142,7 +152,7 @@ def read_predictions_jsonl(path: str | Path, scale: int = 10, skip_bad_rows: boo
     """Predictions from a JSONL file (see the module docstring for the fields)."""
     path = Path(path)
     out = PredictionSet(path=path)
-    with path.open(encoding="utf-8") as fh:
+    with path.open(encoding="utf-8-sig") as fh:
         for number, line in enumerate(fh, start=1):
             if not line.strip():
                 continue
@@ -150,12 +160,14 @@ def read_predictions_jsonl(path: str | Path, scale: int = 10, skip_bad_rows: boo
                 out.add(number, *_jsonl_row(line, scale))
             except _BadRow as exc:
                 out.bad_rows.append((number, str(exc)))
-    return _finish(out, skip_bad_rows)
+    return _finish(out, skip_bad_rows, scale)
 
 
 def _csv_row(row: dict[str, str | None], scale: int) -> tuple[float | None, float | None]:
     if None in row:  # DictReader puts surplus cells under the key None
         raise _BadRow("more cells than header columns")
+    if None in row.values():  # ... and None under the columns a short row lacks
+        raise _BadRow(f"fewer cells than header columns (missing {', '.join(k for k, v in row.items() if v is None)})")
     return _confidence(row.get("confidence"), scale), _accuracy(row.get("accuracy"))
 
 
@@ -163,10 +175,12 @@ def read_predictions_csv(path: str | Path, scale: int = 10, skip_bad_rows: bool 
     """Predictions from a CSV/TSV file with ``confidence`` and ``accuracy`` columns."""
     path = Path(path)
     out = PredictionSet(path=path)
-    with path.open(encoding="utf-8", newline="") as fh:
+    with path.open(encoding="utf-8-sig", newline="") as fh:
         reader = csv.DictReader(fh, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
         header = [h.strip().lower() for h in (reader.fieldnames or [])]
-        missing = {"confidence", "accuracy"} - set(header)
+        if "accuracy" not in header and "green_score" in header:
+            header = ["accuracy" if h == "green_score" else h for h in header]
+        missing = {"confidence", "accuracy"} - set(header)  # green_score was renamed above
         if missing:
             raise DataError(
                 f"{path}: the header must name the columns confidence and accuracy; "
@@ -178,14 +192,18 @@ def read_predictions_csv(path: str | Path, scale: int = 10, skip_bad_rows: bool 
                 out.add(reader.line_num, *_csv_row(row, scale))
             except _BadRow as exc:
                 out.bad_rows.append((reader.line_num, str(exc)))
-    return _finish(out, skip_bad_rows)
+    return _finish(out, skip_bad_rows, scale)
 
 
-def _finish(out: PredictionSet, skip_bad_rows: bool) -> PredictionSet:
+def _finish(out: PredictionSet, skip_bad_rows: bool, scale: int) -> PredictionSet:
     if out.bad_rows:
         _report_bad(out.path, out.bad_rows, skip_bad_rows)
     if not out.confidences:
         raise DataError(f"{out.path}: no predictions found")
+    stated = [c for c in out.confidences if c is not None]
+    if scale == 100 and len(stated) >= 5 and max(stated) <= 10:
+        logger.warning("%s: every confidence is within 0..10 but the scale is 100; if the file is on the "
+                       "0-10 scale, pass --scale 10 (its ECE on 0-100 bins would be wrong)", out.path)
     return out
 
 

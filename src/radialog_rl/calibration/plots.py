@@ -42,10 +42,20 @@ def _new_figure(figsize: Sequence[float], dpi: int) -> tuple[Any, Any]:
     return fig, fig.add_subplot(1, 1, 1)
 
 
+#: Image formats written, chosen by the file's extension (what matplotlib's Agg canvas writes).
+PLOT_FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".pdf": "pdf", ".svg": "svg"}
+
+
 def _save(fig: Any, path: str | Path, dpi: int) -> Path:
     path = Path(path)
+    fmt = PLOT_FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        from radialog_rl.errors import ConfigError
+
+        raise ConfigError(f"cannot write a plot to {path}: the name must end in "
+                          f"{', '.join(PLOT_FORMATS)} (the format follows the extension)")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi, format="png")
+    fig.savefig(path, dpi=dpi, format=fmt)
     return path
 
 

@@ -24,7 +24,8 @@ failures.
 
 PREDICTIONS is a .jsonl file (one object per line: "confidence" (number or null) or a raw "text"
 to parse {"confidence": N} from, and "accuracy" in [0, 1] or "correct" true/false) or a .csv file
-with the header confidence,accuracy (an empty confidence = parse failure)."""
+with the header confidence,accuracy (an empty confidence = parse failure). "green_score" is read as
+accuracy. Plots are written in the format their name ends with (.png, .jpg, .pdf, .svg)."""
 
 _EPILOG = """\
 examples:
@@ -47,8 +48,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="top of the confidence scale: 10 (default) or 100")
     p.add_argument("--bins", type=positive_int, default=None, metavar="N",
                    help="number of confidence bins (default: scale+1 up to 10, else 11)")
-    p.add_argument("--plot", type=Path, metavar="PNG", help="write a reliability diagram to this PNG")
-    p.add_argument("--hist", type=Path, metavar="PNG", help="write a confidence histogram to this PNG")
+    p.add_argument("--plot", type=Path, metavar="FILE",
+                   help="write a reliability diagram (.png, .jpg, .pdf or .svg)")
+    p.add_argument("--hist", type=Path, metavar="FILE",
+                   help="write a confidence histogram (.png, .jpg, .pdf or .svg)")
     p.add_argument("--dpi", type=positive_int, default=100, help="resolution of the PNGs (default 100)")
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
     p.add_argument("--skip-bad-rows", action="store_true",
@@ -60,7 +63,13 @@ def run(args: argparse.Namespace) -> int:
     """Read the predictions, print the report, write the requested plots; returns 0."""
     from radialog_rl.calibration.io import read_predictions
     from radialog_rl.calibration.metrics import compute_calibration
+    from radialog_rl.calibration.plots import PLOT_FORMATS
+    from radialog_rl.errors import ConfigError
 
+    for flag, path in (("--plot", args.plot), ("--hist", args.hist)):
+        if path is not None and path.suffix.lower() not in PLOT_FORMATS:
+            raise ConfigError(f"{flag} {path}: the name must end in {', '.join(PLOT_FORMATS)} (the format "
+                              "follows the extension)")
     preds = read_predictions(args.predictions, scale=args.scale, skip_bad_rows=args.skip_bad_rows)
     report = compute_calibration(preds.confidences, preds.accuracies, scale=args.scale, num_bins=args.bins)
     print(report.to_json() if args.json else report.format_table())

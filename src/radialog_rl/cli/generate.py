@@ -103,6 +103,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     p.add_argument("--output", "-o", type=Path, metavar="JSONL",
                    help="write the JSON lines here instead of stdout")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="skip images that cannot be read (listed at the end; the exit code is still 1) "
+                        "instead of stopping at the first")
     p.set_defaults(func=run)
 
 
@@ -164,7 +167,8 @@ def run(args: argparse.Namespace) -> int:
     from radialog_rl.data.prompts import build_prompt
 
     prompt = build_prompt(_user_message(args))
-    paths = _collect_images(args.image)
+    skipped: list[str] = []
+    paths = _readable_images(_collect_images(args.image), args.skip_bad, skipped)
     if args.output is not None and args.output.is_dir():
         from radialog_rl.errors import ConfigError
 
@@ -172,7 +176,6 @@ def run(args: argparse.Namespace) -> int:
 
     from tqdm.auto import tqdm
 
-    from radialog_rl.data.images import load_chest_xrays
     from radialog_rl.generation import generate
     from radialog_rl.loading.release import load_baseline_llava_model_with_vision_modules
 
@@ -196,9 +199,12 @@ def run(args: argparse.Namespace) -> int:
     out = args.output.open("w", encoding="utf-8") if args.output is not None else sys.stdout
     written = 0
     try:
-        progress = tqdm(batches, desc="generate", unit="batch", disable=len(batches) < 2, file=sys.stderr)
+        progress = tqdm(batches, desc="generate", unit="batch", file=sys.stderr,
+                        disable=len(batches) < 2 or not logger.isEnabledFor(logging.INFO))  # -q: no bar
         for batch in progress:
-            images = load_chest_xrays(batch, resize=resize, crop=crop)
+            batch, images = _load_batch(batch, resize, crop, args.skip_bad, skipped)
+            if not batch:
+                continue
             t0 = time.perf_counter()
             results = generate(
                 model, model.tokenizer, [prompt] * len(batch), images,
@@ -221,4 +227,49 @@ def run(args: argparse.Namespace) -> int:
             out.close()
     if args.output is not None:
         logger.info("wrote %d result(s) to %s", written, args.output)
+    if skipped:
+        from radialog_rl.errors import DataError
+
+        more = f" (and {len(skipped) - 5} more)" if len(skipped) > 5 else ""
+        raise DataError(f"{len(skipped)} image(s) skipped, {written} written: " + "; ".join(skipped[:5]) + more)
     return 0
+
+
+def _readable_images(paths: list[Path], skip_bad: bool, skipped: list[str]) -> list[Path]:
+    """The images whose headers read and fit the size limits (checked before the model loads)."""
+    from radialog_rl.data.images import image_header_size
+    from radialog_rl.errors import DataError, ImageError
+
+    good, bad = [], []
+    for path in paths:
+        try:
+            image_header_size(path)
+            good.append(path)
+        except ImageError as exc:
+            bad.append(str(exc))
+    if bad and not skip_bad:
+        more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
+        raise DataError(f"{len(bad)} of {len(paths)} image(s) cannot be used: " + "; ".join(bad[:3]) + more
+                        + "; fix them, or pass --skip-bad to generate for the others")
+    skipped += bad
+    return good
+
+
+def _load_batch(batch: list[Path], resize: int, crop: int, skip_bad: bool, skipped: list[str]):
+    """``(paths, images [n, 3, crop, crop])`` of the batch's readable images (all, or an ImageError,
+    without ``skip_bad``)."""
+    import torch
+
+    from radialog_rl.data.images import load_chest_xray
+    from radialog_rl.errors import ImageError
+
+    kept, tensors = [], []
+    for path in batch:
+        try:
+            tensors.append(load_chest_xray(path, resize=resize, crop=crop))
+            kept.append(path)
+        except ImageError as exc:
+            if not skip_bad:
+                raise
+            skipped.append(str(exc))
+    return kept, torch.stack(tensors) if tensors else None
