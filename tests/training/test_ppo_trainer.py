@@ -252,3 +252,26 @@ def test_no_eos_penalty_and_score_clipping_reach_the_scores(tiny_release, qa_dat
     expected = torch.where(batch.has_eos, torch.tensor(3.0), torch.tensor(2.5)).clamp(max=2.0)
     assert (~batch.has_eos).any()  # one new token: almost never EOS
     assert torch.equal(batch.scores, expected) and torch.equal(batch.raw_scores, torch.full((4,), 3.0))
+
+
+def test_objective_kl_averages_the_scored_rows_only(tiny_release, qa_data, tmp_path, monkeypatch):
+    """Issue 11 item 13: skipped rows (KL 0 by their mask) neither dilute objective/kl nor count as
+    the adaptive controller's n_steps."""
+    from radialog_rl.training.ppo import trainer as trainer_module
+
+    real = trainer_module.L.compute_token_rewards
+
+    def unit_kl(scores, logprobs, ref, mask, beta, estimator):
+        rewards, non_score, kl = real(scores, logprobs, ref, mask, beta, estimator)
+        return rewards, non_score, torch.ones_like(kl)  # per-row KL sum = number of optimised tokens
+
+    monkeypatch.setattr(trainer_module.L, "compute_token_rewards", unit_kl)
+    trainer = PPOTrainer(_config(tiny_release, qa_data, tmp_path, mini_batch_size=1, gradient_accumulation_steps=1),
+                         reward_fn=lambda samples, responses: [None, 1.0, 2.0, None])
+    updates = []
+    monkeypatch.setattr(trainer.kl_ctl, "update", lambda kl, n: updates.append((kl, n)))
+    batch = trainer.rollout()
+    monkeypatch.setattr(trainer, "rollout", lambda: batch)
+    metrics = trainer.step()
+    expected = float(batch.mask[1].sum() + batch.mask[2].sum()) / 2
+    assert metrics["objective/kl"] == pytest.approx(expected) and updates == [(pytest.approx(expected), 2)]

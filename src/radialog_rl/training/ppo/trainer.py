@@ -418,9 +418,12 @@ class PPOTrainer:
             self.model.eval()  # generation and scoring run in eval mode (KV cache, no checkpointing)
         timings["time/train"] = time.perf_counter() - t2
 
-        mean_kl = self._global_mean((kl * mask).sum(1))
+        # Skipped samples have no KL (their mask is 0): average over the scored rows only, and
+        # count only those as the controller's n_steps.
+        mean_kl, n_valid = self._valid_mean((kl * mask).sum(1), batch.valid.to(kl.device))
         beta = self.kl_ctl.value
-        self.kl_ctl.update(mean_kl, cfg.batch_size * self.accelerator.num_processes)
+        if n_valid:
+            self.kl_ctl.update(mean_kl, n_valid)
         self.step_count += 1
         timings["time/step"] = time.perf_counter() - t0
         metrics = self._metrics(batch, passes, mask, kl, non_score, returns, train_stats, mean_kl, beta)
@@ -475,6 +478,13 @@ class PPOTrainer:
 
     def _global_mean(self, x: torch.Tensor) -> float:
         return float(self.accelerator.gather(x.detach().float()).mean())
+
+    def _valid_mean(self, x: torch.Tensor, valid: torch.Tensor) -> tuple[float, int]:
+        """Mean of ``x`` over the rows where ``valid``, across processes, and how many rows those are
+        (0.0 and 0 when no row is valid)."""
+        both = torch.stack([(x.detach().float() * valid).sum(), valid.float().sum()]).unsqueeze(0)
+        total, count = self.accelerator.gather(both).sum(0).tolist()
+        return (total / count if count else 0.0), int(count)
 
     def _any_process(self, flag: bool) -> bool:
         t = torch.tensor([float(flag)], device=self.accelerator.device)
