@@ -184,3 +184,33 @@ def test_importing_the_package_touches_no_network():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().endswith("ok")
+
+
+def test_generate_without_attention_mask_recognises_left_padding(tiny_model_fp32, tiny_tokenizer):
+    """Issue 11 item 14: RaDialog's test script calls generate on a left-padded batch without a mask."""
+    ids, mask = _prompt_ids(tiny_tokenizer, ["<image>\nDescribe.", "<image>\nIs there edema in this chest X-ray?"])
+    assert (mask[:, 0] == 0).any()  # left-padded
+    images = torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(0))
+    kwargs = dict(images=images, max_new_tokens=4, do_sample=False, pad_token_id=tiny_tokenizer.pad_token_id)
+    with torch.no_grad():
+        with_mask = tiny_model_fp32.generate(input_ids=ids, attention_mask=mask, **kwargs)
+        without = tiny_model_fp32.generate(input_ids=ids, **kwargs)
+    assert torch.equal(with_mask, without)
+    right_ids = torch.full_like(ids, tiny_tokenizer.pad_token_id)
+    for i in range(2):
+        row = ids[i][mask[i].bool()]
+        right_ids[i, : len(row)] = row
+    with pytest.raises(DataError, match="right-padded"):
+        tiny_model_fp32.generate(input_ids=right_ids, **kwargs)
+
+
+def test_sequences_longer_than_tokenizer_model_max_length_are_refused(tiny_model_fp32, tiny_tokenizer,
+                                                                      monkeypatch):
+    """Issue 11 item 15: RaDialog cut expanded sequences at tokenizer_model_max_length; we name it."""
+    ids, mask = _prompt_ids(tiny_tokenizer, ["<image>\nIs there edema in this chest X-ray?"])
+    length = int(mask.sum()) - 1 + tiny_model_fp32.num_image_tokens
+    monkeypatch.setattr(tiny_model_fp32.config, "tokenizer_model_max_length", length - 1)
+    with pytest.raises(DataError, match=rf"{length} tokens long .* tokenizer_model_max_length of {length - 1}"):
+        tiny_model_fp32(input_ids=ids, attention_mask=mask, images=torch.rand(1, 3, 128, 128))
+    monkeypatch.setattr(tiny_model_fp32.config, "tokenizer_model_max_length", length)
+    tiny_model_fp32(input_ids=ids, attention_mask=mask, images=torch.rand(1, 3, 128, 128))

@@ -310,6 +310,7 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM):
             input_ids, self.num_image_tokens, attention_mask, labels,
             pad_token_id=self.config.pad_token_id or 0,
         )
+        self._check_max_length(input_ids, attention_mask)
         image_mask = input_ids == IMAGE_TOKEN_INDEX
         embeds = self.model.embed_tokens(input_ids.masked_fill(image_mask, 0))
         if n_images:
@@ -319,6 +320,40 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM):
             # masked_scatter fills positions in row-major order: image i -> its placeholder run.
             embeds = embeds.masked_scatter(image_mask.unsqueeze(-1), features.reshape(-1, embeds.shape[-1]))
         return embeds, attention_mask, labels, input_ids
+
+    def _check_max_length(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
+        """Refuse an expanded sequence longer than ``config.tokenizer_model_max_length``.
+
+        RaDialog's LLaVA code cut such sequences to that length (1300 in its config), silently
+        dropping their end; refusing names the lengths instead of computing something different.
+        """
+        limit = self.config.tokenizer_model_max_length
+        if not limit:
+            return
+        lengths = attention_mask.sum(1) if attention_mask is not None else torch.full(
+            (input_ids.shape[0],), input_ids.shape[1])
+        longest = int(lengths.max()) if lengths.numel() else 0
+        if longest > limit:
+            row = int(lengths.argmax())
+            raise DataError(
+                f"row {row} is {longest} tokens long with its {self.num_image_tokens} image positions, "
+                f"above the model's tokenizer_model_max_length of {limit} (config.json); RaDialog would "
+                "cut it there: shorten the prompt/response or raise tokenizer_model_max_length"
+            )
+
+    def _generation_mask(self, input_ids: torch.Tensor, pad_token_id: int | None) -> torch.Tensor:
+        """The attention mask of prompts given without one: leading ``pad_token_id`` tokens are
+        padding (left-padded batch); an ambiguous batch is refused rather than padding attended."""
+        if input_ids.shape[0] == 1:
+            return torch.ones_like(input_ids)
+        if pad_token_id is None:
+            raise ConfigError("batched generate() without attention_mask: pass the tokenizer's attention_mask "
+                              "(or pad_token_id, so left padding can be recognised)")
+        is_pad = input_ids == pad_token_id
+        if bool(is_pad[:, -1].any()) and not bool(is_pad[:, 0].any()):
+            raise DataError("generate() got right-padded prompts; batched generation needs left padding "
+                            "(tokenizer padding_side='left') or an attention_mask")
+        return ((~is_pad).long().cumsum(1) > 0).long()  # 0 before each row's first real token
 
     # -- forward --------------------------------------------------------------------------------
     def forward(
@@ -391,11 +426,12 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM):
         image features written in) and passed as ``inputs_embeds``; returns only the new tokens
         ``[B, new]``. Prompts must be left-padded for batched generation."""
         if input_ids is not None and "inputs_embeds" not in kwargs:
+            if attention_mask is None:  # RaDialog's own test script calls generate this way
+                pad = kwargs.get("pad_token_id", self.generation_config.pad_token_id)
+                attention_mask = self._generation_mask(input_ids, pad if pad is not None else self.config.pad_token_id)
             embeds, attention_mask, _, _ = self.prepare_multimodal_inputs(
                 input_ids, attention_mask, None, images, prior_images, image_features
             )
-            if attention_mask is None:
-                attention_mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
             return super().generate(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs)
         return super().generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
