@@ -79,8 +79,11 @@ def test_lora_is_applied_by_default(tiny_release, image_dir, capsys):
     without = _read_jsonl(capsys.readouterr().out)
     assert main([*args, "--lora", str(tiny_release.model_path), "--precision", "8bit"]) == 0
     explicit_8bit = _read_jsonl(capsys.readouterr().out)
+    assert main([*args, "--no-lora", "--precision", "8bit"]) == 0
+    without_8bit = _read_jsonl(capsys.readouterr().out)
     assert with_lora[0]["text"] != without[0]["text"]
-    assert len(explicit_8bit) == 1
+    # At 8 bit the adapter stays unmerged (merging would re-quantize), and it still changes the text.
+    assert len(explicit_8bit) == 1 and explicit_8bit[0]["text"] != without_8bit[0]["text"]
 
 
 def test_custom_prompt_gets_an_image_placeholder_and_seeded_sampling_repeats(tiny_release, image_dir, capsys):

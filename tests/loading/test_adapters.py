@@ -200,9 +200,17 @@ def test_merged_and_unmerged_logits_agree(tiny_release, merged_dir, batch):
 
 @pytest.mark.parametrize("precision", ["16bit", "8bit", "4bit"])
 def test_merged_directory_loads_at_every_precision(merged_dir, batch, precision):
+    """Quantized where asked, and still the same model: logits near the fp32 ones (bf16 compute)."""
+    from radialog_rl.loading.precision import quantized_module_names
+
+    reference = load_baseline_llava_model_with_vision_modules(merged_dir, merged_dir, device="cpu", dtype="fp32")
     model = load_baseline_llava_model_with_vision_modules(merged_dir, merged_dir, precision=precision, device="cpu")
     with torch.no_grad():
-        assert torch.isfinite(model(**batch).logits).all()
+        expected, got = reference(**batch).logits, model(**batch).logits.float()
+    assert bool(quantized_module_names(model)) == (precision != "16bit")
+    error = (got - expected).abs().max() / expected.abs().max()
+    assert error < {"16bit": 0.05, "8bit": 0.1, "4bit": 0.4}[precision]  # measured 0.014, 0.026, 0.25
+    assert error > 0  # not the fp32 model itself
 
 
 def test_merge_into_quantized_base_is_refused(tiny_release, tmp_path):
@@ -249,7 +257,8 @@ def test_trl_value_head_formats_load(merged_dir, tmp_path):
     trl_dir = tmp_path / "trl"
     trl_dir.mkdir()
     torch.save({"v_head.summary.weight": weight, "v_head.summary.bias": bias}, trl_dir / "pytorch_model.bin")
-    add_value_head_to_LlavaLlamaForCausalLM_model(model.pretrained_model, trl_dir)  # via directory
+    wrapped = add_value_head_to_LlavaLlamaForCausalLM_model(model.pretrained_model, trl_dir)  # via directory
+    assert torch.equal(wrapped.v_head.summary.weight, weight) and torch.equal(wrapped.v_head.summary.bias, bias)
     from radialog_rl.loading.adapters import load_value_head
 
     load_value_head(model, trl_dir / "pytorch_model.bin")

@@ -246,12 +246,16 @@ def test_kl_early_stop_ends_the_epochs(tiny_release, qa_data, tmp_path):
 
 
 def test_no_eos_penalty_and_score_clipping_reach_the_scores(tiny_release, qa_data, tmp_path):
+    # Raw scores 3 and 1: the clip (2) shows on the 3.0 rows (3 or 2.5 -> 2), the penalty on the
+    # 1.0 rows without EOS (1 -> 0.5); each would be invisible if the other flattened every row.
     config = _config(tiny_release, qa_data, tmp_path, max_new_tokens=1, no_eos_penalty=0.5, score_clip=2.0)
-    trainer = PPOTrainer(config, reward_fn=lambda samples, responses: [3.0] * len(responses))
+    raw = torch.tensor([3.0, 1.0, 3.0, 1.0])
+    trainer = PPOTrainer(config, reward_fn=lambda samples, responses: raw.tolist())
     batch = trainer.rollout()
-    expected = torch.where(batch.has_eos, torch.tensor(3.0), torch.tensor(2.5)).clamp(max=2.0)
-    assert (~batch.has_eos).any()  # one new token: almost never EOS
-    assert torch.equal(batch.scores, expected) and torch.equal(batch.raw_scores, torch.full((4,), 3.0))
+    assert (~batch.has_eos[1::2]).any()  # one new token: almost never EOS
+    expected = torch.where(batch.has_eos, raw, raw - 0.5).clamp(-2.0, 2.0)
+    assert torch.equal(batch.scores, expected) and torch.equal(batch.raw_scores, raw)
+    assert 0.5 in batch.scores.tolist() and batch.scores.max() == 2.0
 
 
 def test_objective_kl_averages_the_scored_rows_only(tiny_release, qa_data, tmp_path, monkeypatch):
