@@ -13,6 +13,7 @@ import importlib
 import logging
 import os
 import sys
+import warnings
 
 #: Subcommand modules, in the order ``--help`` lists them.
 SUBCOMMANDS = ("demo", "make_tiny", "generate", "merge", "sft", "ppo", "evaluate")
@@ -50,6 +51,13 @@ def _setup_logging(debug: bool, quiet: bool) -> None:
     if not debug:
         for noisy in ("transformers", "accelerate", "peft", "httpx", "urllib3"):
             logging.getLogger(noisy).setLevel(logging.ERROR)
+        # transformers sets its own level when first imported (after this): tell it through its
+        # variable, and directly when it is already loaded.
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        if "transformers.utils.logging" in sys.modules:
+            sys.modules["transformers.utils.logging"].set_verbosity_error()
+        # peft reads a property transformers deprecated: a notice about their code, not the user's.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     if quiet:  # -q: no progress bars either (ours follow the log level; these are the libraries')
         os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # read when transformers is imported
         if "transformers.utils.logging" in sys.modules:

@@ -279,7 +279,7 @@ def load_sft_jsonl(path: str | os.PathLike[str]) -> list[SFTExample]:
         raise DataError(f"{path}: {len(errors)} bad row(s): {listed}{more}")
     if not examples:
         raise DataError(f"{path} holds no rows")
-    logger.info("read %d SFT examples from %s", len(examples), path)
+    logger.debug("read %d SFT examples from %s", len(examples), path)  # run_sft logs the counts once
     return examples
 
 
