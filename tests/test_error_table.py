@@ -143,6 +143,14 @@ def sft_fresh_run_in_a_used_output_dir(c: Ctx) -> list[str]:
     return ["sft", "--config", str(path)]
 
 
+def sft_resume_latest_with_a_truncated_trainer_state(c: Ctx) -> list[str]:
+    path = c.sft_yaml()
+    for step, text in ((1, "{}"), (2, '{"global_step": 2, "log_hi')):
+        (c.tmp / "sft-run" / f"checkpoint-{step}").mkdir(parents=True)
+        (c.tmp / "sft-run" / f"checkpoint-{step}" / "trainer_state.json").write_text(text)
+    return ["sft", "--config", str(path), "--resume", "latest"]
+
+
 def ppo_output_dir_locked_by_a_live_run(c: Ctx) -> list[str]:
     lock = RunLock(c.tmp / "run").acquire()  # another open file: flock refuses it like another process
     c.monkeypatch.setattr(Ctx, "held_lock", lock, raising=False)
@@ -415,6 +423,8 @@ CASES = [
                                               "--resume latest", "--overwrite")),
     Case(ppo_resume_and_overwrite_together, ("--resume and --overwrite contradict",)),
     Case(sft_fresh_run_in_a_used_output_dir, ("already holds an SFT run", "checkpoint-5", "--resume latest")),
+    Case(sft_resume_latest_with_a_truncated_trainer_state, ("checkpoint-2 is damaged", "trainer_state.json",
+                                                            "--resume previous")),
     # item 3: one run per output dir
     Case(ppo_output_dir_locked_by_a_live_run, ("is in use by another run", f"pid {os.getpid()}")),
     # item 5: a damaged latest checkpoint is named; previous only on request

@@ -60,9 +60,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="config overrides, e.g. trainer.learning_rate=1e-4 label_policy=all")
     p.add_argument("--print-config", action="store_true",
                    help="print the resolved config (defaults and documentation included) and exit")
-    p.add_argument("--resume", metavar="PATH|latest",
-                   help="continue from a checkpoint-N directory, or 'latest' for the newest one in "
-                        "the output directory (optimiser, scheduler, RNG and data position included)")
+    p.add_argument("--resume", metavar="PATH|latest|previous",
+                   help="continue from a checkpoint-N directory, or 'latest' / 'previous' for the newest / "
+                        "second newest one in the output directory (optimiser, scheduler, RNG and data "
+                        "position included)")
     p.add_argument("--overwrite", action="store_true",
                    help="start again in an output directory that holds a previous SFT run (removes only "
                         "its checkpoints, adapter/, merged/, runs/ and state files)")

@@ -48,7 +48,7 @@ from typing import Any
 import torch
 
 from radialog_rl.atomic_dir import atomic_dir
-from radialog_rl.errors import ConfigError
+from radialog_rl.errors import CheckpointError, ConfigError
 from radialog_rl.training.preflight import check_rows
 from radialog_rl.training.run_dir import RunLock, check_not_locked, check_run_dir, remove_run_files
 from radialog_rl.training.sft_config import (
@@ -300,7 +300,6 @@ def save_projector(model, directory: str | os.PathLike) -> Path:
 
 def load_projector(model, directory: str | os.PathLike) -> None:
     """Load ``directory/non_lora_trainables.safetensors`` into the model's projector (strict)."""
-    from radialog_rl.errors import CheckpointError
     from radialog_rl.loading.release import load_non_lora_trainables
 
     path = Path(directory) / NON_LORA_TRAINABLES_FILE
@@ -330,21 +329,44 @@ def save_sft_adapter(model, directory: str | os.PathLike, *, with_projector: boo
 
 
 def resolve_resume_checkpoint(resume: str | os.PathLike | None, output_dir: str | os.PathLike) -> str | None:
-    """``"latest"`` -> the newest ``checkpoint-N`` in ``output_dir``; a path -> itself (checked)."""
+    """``"latest"`` / ``"previous"`` -> the newest / second-newest ``checkpoint-N`` in ``output_dir``;
+    a path -> itself. Checked before any model loads: a truncated ``trainer_state.json`` or torch
+    state file is named (and, for ``latest``, ``--resume previous`` suggested)."""
     if resume is None:
         return None
-    if str(resume) == "latest":
-        from transformers.trainer_utils import get_last_checkpoint
-
-        found = get_last_checkpoint(str(output_dir)) if Path(output_dir).is_dir() else None
-        if found is None:
-            raise ConfigError(f"--resume latest: no checkpoint-N directory in {output_dir}")
-        return found
-    path = Path(resume).expanduser()
-    if not path.is_dir() or not (path / "trainer_state.json").is_file():
-        raise ConfigError(f"cannot resume from {path}: not a Trainer checkpoint directory "
-                          "(checkpoint-N with trainer_state.json)")
+    which = str(resume)
+    if which in ("latest", "previous"):
+        found = sorted((p for p in Path(output_dir).glob("checkpoint-*") if p.name.split("-")[-1].isdigit()
+                        and p.is_dir()), key=lambda p: int(p.name.split("-")[-1])) if Path(output_dir).is_dir() else []
+        need = 1 if which == "latest" else 2
+        if len(found) < need:
+            raise ConfigError(f"--resume {which}: {output_dir} has {len(found) or 'no'} checkpoint-N "
+                              f"director{'y' if len(found) == 1 else 'ies'}; nothing to resume")
+        path = found[-need]
+    else:
+        path = Path(resume).expanduser()
+        if not path.is_dir() or not (path / "trainer_state.json").is_file():
+            raise ConfigError(f"cannot resume from {path}: not a Trainer checkpoint directory "
+                              "(checkpoint-N with trainer_state.json)")
+    problem = _checkpoint_damage(path)
+    if problem:
+        hint = "; resume from the previous one with --resume previous" if which == "latest" else ""
+        raise CheckpointError(f"checkpoint {path} is damaged: {problem}{hint}")
     return str(path)
+
+
+def _checkpoint_damage(path: Path) -> str | None:
+    """What is wrong with a Trainer checkpoint's files (cheap: JSON parse, zip directories), or None."""
+    import zipfile
+
+    try:
+        json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        return f"trainer_state.json is missing, truncated or not JSON ({' '.join(str(exc).split())})"
+    for file in sorted(path.glob("*.pt")) + sorted(path.glob("*.pth")):
+        if not zipfile.is_zipfile(file):
+            return f"{file.name} is truncated or not a torch state file"
+    return None
 
 
 def merge_sft_adapter(config: SFTConfig, adapter_dir: str | os.PathLike,
