@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from radialog_rl.cli.arguments import add_config_overrides
+
 _EPILOG = """\
 The YAML's top-level keys are radialog_rl.training.ppo.PPOConfig fields: model loading
 (entry_point radialog_lora | fresh_lora, model_path, model_base, llava_model_path, precision),
@@ -35,10 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", required=True, help="PPO YAML config (see below)")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                        help="config overrides, e.g. steps=20 reward_params.scale=100")
-    parser.add_argument("--print-config", action="store_true",
-                        help="print the resolved config (defaults and documentation included) and exit")
+    add_config_overrides(parser, "steps=20 reward_params.scale=100")
     parser.add_argument("--resume", metavar="CHECKPOINT",
                         help="checkpoint directory, or 'latest' / 'previous' (newest / second newest in the "
                              "output dir; 'previous' skips a damaged latest one)")

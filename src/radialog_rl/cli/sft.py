@@ -11,7 +11,7 @@ import json
 import os
 from pathlib import Path
 
-from radialog_rl.cli.arguments import positive_int
+from radialog_rl.cli.arguments import add_config_overrides, positive_int
 
 _DESCRIPTION = """\
 Supervised fine-tuning of RaDialog (LLaVA-1.5 + BioViL-T) on image + text conversations with
@@ -56,10 +56,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--config", required=True, type=Path, metavar="YAML",
                    help="the SFT config file (keys: radialog_rl.training.sft.SFTConfig)")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                   help="config overrides, e.g. trainer.learning_rate=1e-4 label_policy=all")
-    p.add_argument("--print-config", action="store_true",
-                   help="print the resolved config (defaults and documentation included) and exit")
+    add_config_overrides(p, "trainer.learning_rate=1e-4 label_policy=all")
     p.add_argument("--resume", metavar="PATH|latest|previous",
                    help="continue from a checkpoint-N directory, or 'latest' / 'previous' for the newest / "
                         "second newest one in the output directory (optimiser, scheduler, RNG and data "

@@ -21,17 +21,19 @@ import fcntl
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from radialog_rl.errors import ConfigError
+from radialog_rl.errors import CheckpointError, ConfigError
 
 logger = logging.getLogger(__name__)
 
 LOCK_FILE = ".radialog-rl.lock"
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
 class RunLock:
@@ -175,3 +177,41 @@ def truncate_metrics(path: str | os.PathLike, step: int) -> int:
         os.replace(tmp, path)
         logger.info("%s: dropped %d rows after the resumed step %d", path, dropped, step)
     return dropped
+
+
+def list_checkpoints(out: str | os.PathLike) -> list[Path]:
+    """Complete ``checkpoint-<step>`` directories in ``out``, oldest first (staging dirs ignored)."""
+    out = Path(out)
+    if not out.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in out.iterdir() if (m := _CHECKPOINT.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def resolve_checkpoint(resume: str | os.PathLike, output_dir: str | os.PathLike,
+                       check: Callable[[Path], object], what: str) -> Path:
+    """The checkpoint ``resume`` names: ``"latest"`` / ``"previous"`` (newest / second newest in
+    ``output_dir``) or a directory; ``check(path)`` raises :class:`CheckpointError` when it is
+    damaged, and for ``latest`` the message then points to ``--resume previous``."""
+    which = str(resume)
+    if which in ("latest", "previous"):
+        found = list_checkpoints(output_dir)
+        need = 1 if which == "latest" else 2
+        if len(found) < need:
+            raise CheckpointError(f"--resume {which}: {output_dir} has {len(found) or 'no'} checkpoint-* "
+                                  f"director{'y' if len(found) == 1 else 'ies'}; nothing to resume")
+        path = found[-need]
+    else:
+        path = Path(resume).expanduser()
+        if not (path / "trainer_state.json").is_file():
+            raise CheckpointError(f"{path} is not {what} checkpoint directory (no trainer_state.json)")
+    try:
+        check(path)
+    except CheckpointError as exc:
+        hint = ""
+        if which == "latest":
+            found = list_checkpoints(output_dir)
+            hint = (f"; resume from the previous one with --resume previous ({found[-2].name})"
+                    if len(found) > 1 else "; there is no earlier checkpoint: start again with --overwrite")
+        raise CheckpointError(f"{exc}{hint}") from exc
+    return path

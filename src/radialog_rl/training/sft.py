@@ -50,7 +50,13 @@ import torch
 from radialog_rl.atomic_dir import atomic_dir
 from radialog_rl.errors import CheckpointError, ConfigError
 from radialog_rl.training.preflight import check_rows
-from radialog_rl.training.run_dir import RunLock, check_not_locked, check_run_dir, remove_run_files
+from radialog_rl.training.run_dir import (
+    RunLock,
+    check_not_locked,
+    check_run_dir,
+    remove_run_files,
+    resolve_checkpoint,
+)
 from radialog_rl.training.sft_config import (
     ENTRY_POINTS,
     TRAINER_DEFAULTS,
@@ -334,25 +340,13 @@ def resolve_resume_checkpoint(resume: str | os.PathLike | None, output_dir: str 
     state file is named (and, for ``latest``, ``--resume previous`` suggested)."""
     if resume is None:
         return None
-    which = str(resume)
-    if which in ("latest", "previous"):
-        found = sorted((p for p in Path(output_dir).glob("checkpoint-*") if p.name.split("-")[-1].isdigit()
-                        and p.is_dir()), key=lambda p: int(p.name.split("-")[-1])) if Path(output_dir).is_dir() else []
-        need = 1 if which == "latest" else 2
-        if len(found) < need:
-            raise ConfigError(f"--resume {which}: {output_dir} has {len(found) or 'no'} checkpoint-N "
-                              f"director{'y' if len(found) == 1 else 'ies'}; nothing to resume")
-        path = found[-need]
-    else:
-        path = Path(resume).expanduser()
-        if not path.is_dir() or not (path / "trainer_state.json").is_file():
-            raise ConfigError(f"cannot resume from {path}: not a Trainer checkpoint directory "
-                              "(checkpoint-N with trainer_state.json)")
+    return str(resolve_checkpoint(resume, output_dir, _check_trainer_checkpoint, "a Trainer"))
+
+
+def _check_trainer_checkpoint(path: Path) -> None:
     problem = _checkpoint_damage(path)
     if problem:
-        hint = "; resume from the previous one with --resume previous" if which == "latest" else ""
-        raise CheckpointError(f"checkpoint {path} is damaged: {problem}{hint}")
-    return str(path)
+        raise CheckpointError(f"checkpoint {path} is damaged: {problem}")
 
 
 def _checkpoint_damage(path: Path) -> str | None:

@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import random
-import re
 import shutil
 import zipfile
 from pathlib import Path
@@ -28,10 +27,10 @@ import torch
 
 from radialog_rl.atomic_dir import commit_dir, staging_dir
 from radialog_rl.errors import CheckpointError, RadialogError
+from radialog_rl.training.run_dir import list_checkpoints, resolve_checkpoint
 
 logger = logging.getLogger(__name__)
 
-_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 #: Prefix of a checkpoint being written.
 TMP_PREFIX = ".tmp-"
 #: What a PPO run writes into its output directory (what ``--overwrite`` may remove).
@@ -111,14 +110,6 @@ def _rotate(out: Path, keep: int | None) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def list_checkpoints(out: Path) -> list[Path]:
-    """Complete checkpoints in ``out``, oldest first (temporary directories are ignored)."""
-    if not out.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in out.iterdir() if (m := _CHECKPOINT.match(p.name)) and p.is_dir()]
-    return [p for _, p in sorted(found)]
-
-
 def find_checkpoint(resume_from: str | os.PathLike, output_dir: Path) -> Path:
     """``"latest"`` / ``"previous"`` -> the newest / second-newest checkpoint in ``output_dir``;
     else the given directory. The choice is checked with :func:`check_checkpoint` (cheap: no model).
@@ -127,28 +118,7 @@ def find_checkpoint(resume_from: str | os.PathLike, output_dir: Path) -> Path:
         CheckpointError: nothing to resume, or the checkpoint is incomplete or damaged (the message
             names the file and, for ``latest``, suggests ``--resume previous``).
     """
-    which = str(resume_from)
-    if which in ("latest", "previous"):
-        found = list_checkpoints(output_dir)
-        need = 1 if which == "latest" else 2
-        if len(found) < need:
-            raise CheckpointError(f"--resume {which}: {output_dir} has {len(found) or 'no'} checkpoint-* "
-                                  f"director{'y' if len(found) == 1 else 'ies'}; nothing to resume")
-        path = found[-need]
-    else:
-        path = Path(resume_from).expanduser()
-        if not (path / "trainer_state.json").is_file():
-            raise CheckpointError(f"{path} is not a PPO checkpoint (no trainer_state.json)")
-    try:
-        check_checkpoint(path)
-    except CheckpointError as exc:
-        hint = ""
-        if which == "latest":
-            found = list_checkpoints(output_dir)
-            hint = (f"; resume from the previous one with --resume previous ({found[-2].name})"
-                    if len(found) > 1 else "; there is no earlier checkpoint: start again with --overwrite")
-        raise CheckpointError(f"{exc}{hint}") from exc
-    return path
+    return resolve_checkpoint(resume_from, output_dir, check_checkpoint, "a PPO")
 
 
 def check_checkpoint(path: Path) -> dict:
