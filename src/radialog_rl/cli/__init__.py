@@ -58,10 +58,15 @@ def _setup_logging(debug: bool, quiet: bool) -> None:
             sys.modules["transformers.utils.logging"].set_verbosity_error()
         # peft reads a property transformers deprecated: a notice about their code, not the user's.
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-    if quiet:  # -q: no progress bars either (ours follow the log level; these are the libraries')
-        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # read when transformers is imported
-        if "transformers.utils.logging" in sys.modules:
-            sys.modules["transformers.utils.logging"].disable_progress_bar()
+    if quiet:  # -q: no progress bars either (ours follow the log level)
+        hide_library_progress_bars()
+
+
+def hide_library_progress_bars() -> None:
+    """No "Loading weights" bars from transformers / huggingface_hub for the rest of the process."""
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # read when transformers is imported
+    if "transformers.utils.logging" in sys.modules:
+        sys.modules["transformers.utils.logging"].disable_progress_bar()
 
 
 def _end_progress_bars() -> None:

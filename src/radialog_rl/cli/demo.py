@@ -313,6 +313,10 @@ def run(args: argparse.Namespace) -> int:
     """Build/reuse the tiny release and run every section of :data:`DEMO_SECTIONS`; returns 0."""
     import torch
 
+    from radialog_rl.cli import hide_library_progress_bars
+
+    hide_library_progress_bars()  # the sections load many tiny models: one bar each is noise
+
     from radialog_rl.errors import ConfigError
     from radialog_rl.loading.release import load_llava_config
     from radialog_rl.testing.tiny import default_tiny_dir, make_tiny_release

@@ -3,7 +3,7 @@ merge, a reload of the merged directory, and how close merged and unmerged logit
 
 from __future__ import annotations
 
-import tempfile
+import shutil
 import time
 from pathlib import Path
 
@@ -35,7 +35,9 @@ def adapters_demo_section(ctx) -> None:
     rows.append(("PPO (RaDialog LoRA + value head)", time.perf_counter() - t,
                  trainable_parameter_report(ppo)["trainable"], ppo.reference_mode))
 
-    merged_dir = Path(tempfile.mkdtemp(prefix="radialog-demo-merged-")) / "merged"
+    # Beside the tiny release (like the SFT section's demo-sft/), not left in the system temp folder.
+    merged_dir = Path(release.root) / "demo-merged"
+    shutil.rmtree(merged_dir, ignore_errors=True)  # the previous demo's export: ours
     t = time.perf_counter()
     save_lora_merged_llava_model_to_local_dir(merged_dir, dtype=torch.float32, device=device, **paths)
     merge_seconds = time.perf_counter() - t

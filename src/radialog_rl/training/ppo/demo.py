@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import tempfile
+import shutil
 from pathlib import Path
 
 
@@ -34,7 +34,9 @@ def ppo_demo_section(ctx) -> None:
     from radialog_rl.training.ppo.config import PPOConfig
     from radialog_rl.training.ppo.trainer import PPOTrainer
 
-    work = Path(tempfile.mkdtemp(prefix="radialog-demo-ppo-"))
+    # Beside the tiny release (like the SFT section's demo-sft/), not left in the system temp folder.
+    work = Path(ctx.release.root) / "demo-ppo"
+    shutil.rmtree(work, ignore_errors=True)  # the previous demo's run: ours
     data = make_binary_qa_jsonl(work / "data", n=8)
     config = PPOConfig(
         model_path=str(ctx.release.model_path), model_base=str(ctx.release.model_base), train_file=str(data),
