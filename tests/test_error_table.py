@@ -620,3 +620,17 @@ def test_evaluate_reads_bom_csv_green_score_and_writes_plots_in_their_format(tmp
     with caplog.at_level("WARNING"):
         assert main(["evaluate", str(plain), "--scale", "100"]) == 0
     assert "pass --scale 10" in caplog.text
+
+
+def test_large_jpegs_decode_at_a_reduced_scale_that_still_covers_the_resize(tmp_path):
+    """Issue 11 item 6: JPEG draft mode; the decoded image still has a shorter side >= the resize."""
+    import numpy as np
+    from PIL import Image
+
+    from radialog_rl.data.images import read_image_array
+
+    pixels = (np.random.default_rng(0).random((1200, 1600)) * 255).astype(np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "big.jpg", quality=90)
+    assert read_image_array(tmp_path / "big.jpg").shape == (1200, 1600)
+    assert read_image_array(tmp_path / "big.jpg", draft_shorter_side=256).shape == (300, 400)  # 1/4 scale
+    assert read_image_array(tmp_path / "big.jpg", draft_shorter_side=700).shape == (1200, 1600)  # 1/2 < 700

@@ -158,6 +158,7 @@ def build_training_arguments(config: SFTConfig):
         values["eval_steps"] = trainer.get("save_steps", values["save_steps"])
     elif trainer.get("eval_strategy", "no") != "no":
         raise ConfigError(f"trainer.eval_strategy is {trainer['eval_strategy']!r} but no eval_file is given")
+    values["disable_tqdm"] = not logger.isEnabledFor(logging.INFO)  # -q: no progress bar
     values.update(trainer)
     values["output_dir"] = str(Path(values["output_dir"]).expanduser())
     try:
