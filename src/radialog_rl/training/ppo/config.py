@@ -34,7 +34,9 @@ class PPOConfig:
         precision: "16bit", "8bit" or "4bit"; dtype: compute dtype ("bf16", "fp16", "fp32").
         device: "cpu" forces the CPU; otherwise each process uses the GPU its launcher assigns
             (one per process; pick GPUs with ``CUDA_VISIBLE_DEVICES``).
-        lora_r / lora_alpha: size of a fresh adapter (fresh_lora only; default RaDialog's 128/256).
+        lora_r / lora_alpha / lora_dropout / lora_target_modules: shape of a fresh adapter
+            (fresh_lora without adapter_path only; default RaDialog's r 128, alpha 256, dropout
+            0.05 on the seven LLaMA projections; "lm_head" may be added to the targets).
     Data
         train_file: JSONL with ``image`` (path, relative to the file), ``prompt`` (the user
             message; ``<image>`` is prepended when absent) and any label fields the reward reads.
@@ -152,6 +154,11 @@ class PPOConfig:
     def validate(self) -> None:
         if self.entry_point not in ENTRY_POINTS:
             raise ConfigError(f"entry_point must be one of {ENTRY_POINTS}, got {self.entry_point!r}")
+        shaping = [k for k in ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
+                   if getattr(self, k) is not None]
+        if shaping and (self.entry_point != "fresh_lora" or self.adapter_path):
+            raise ConfigError(f"{', '.join(shaping)} shape a new adapter (entry_point 'fresh_lora' without "
+                              "adapter_path); the radialog_lora entry point uses the released adapter's shape")
         if self.entry_point == "fresh_lora" and not self.llava_model_path:
             raise ConfigError("entry_point 'fresh_lora' needs llava_model_path (a merged SFT directory)")
         if self.batch_size % self.mini_batch_size:

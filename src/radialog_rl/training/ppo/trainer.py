@@ -98,15 +98,21 @@ def build_ppo_model(config: PPOConfig, device: str | torch.device | None = None)
             model_base=config.model_base, value_head_path=config.value_head_path, dtype=config.dtype,
             gradient_checkpointing=config.gradient_checkpointing,
         )
-    lora = None
-    if config.lora_r or config.lora_alpha:
-        r = config.lora_r or 128
-        lora = radialog_lora_config(r=r, lora_alpha=config.lora_alpha or 2 * r)
+    overrides = {"r": config.lora_r, "lora_alpha": config.lora_alpha, "lora_dropout": config.lora_dropout,
+                 "target_modules": config.lora_target_modules}
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if "r" in overrides and "lora_alpha" not in overrides:
+        overrides["lora_alpha"] = 2 * overrides["r"]  # RaDialog's alpha / r ratio
+    lora = radialog_lora_config(**overrides) if overrides else None
     return load_pretrained_llava_model_for_ppo_training_with_fresh_lora_adapters(
         config.llava_model_path, device, config.precision, config.adapter_path,
         value_head_path=config.value_head_path, dtype=config.dtype, lora_config=lora,
         gradient_checkpointing=config.gradient_checkpointing,
     )
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def disable_dropout(model: torch.nn.Module) -> int:
@@ -155,15 +161,22 @@ class PPOTrainer:
             raise ConfigError("the PPO model has no reference policy; build it with a PPO entry point")
         self.tokenizer = tokenizer or model.tokenizer
         if reward_fn is None:
-            from radialog_rl.calibration.rewards import load_reward
+            from radialog_rl.calibration.rewards import BUILTIN_REWARDS, load_reward
 
-            reward_fn = load_reward(config.reward, **config.reward_params)
+            params = dict(config.reward_params)
+            if config.reward in BUILTIN_REWARDS and "seed" not in params and "rng" not in params:
+                # Exploration draws follow the run's seed (one stream per process) and are resumed
+                # with the checkpoint's reward_rng state.
+                params["seed"] = config.seed + self.accelerator.process_index
+            reward_fn = load_reward(config.reward, **params)
         self.reward_fn = reward_fn
         if rows is None:
             if not config.train_file:
                 raise ConfigError("no PPO data: set train_file in the config")
             rows = load_prompt_jsonl(config.train_file)
         self.rows = rows
+        self.eval_rows = load_prompt_jsonl(config.eval_file) if config.eval_file else []
+        self.best_value: float | None = None
         disable_dropout(model)  # detail 8: every pass (rollout, scoring, update) is deterministic
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=config.learning_rate, betas=config.adam_betas,
@@ -566,6 +579,84 @@ class PPOTrainer:
         keys = ("ece", "sigma_cbnd", "d_nckl", "brier", "parse_failure_rate")
         return {f"calibration/{k}": report[k] for k in keys if report.get(k) is not None}
 
+    # -- held-out evaluation and export ---------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, rows: list[PromptRow] | None = None, write: bool = True) -> dict:
+        """Greedy answers on ``rows`` (default the ``eval_file`` rows) -> the calibration table.
+
+        Returns the metrics of :func:`~radialog_rl.training.ppo.evaluation.evaluation_table`; with
+        ``write``, the main process also writes ``output_dir/eval/step-NNNNNN.json`` (metrics and
+        every row's text, confidence and correctness).
+        """
+        from radialog_rl.training.ppo.evaluation import evaluation_table
+
+        cfg = self.config
+        rows = self.eval_rows if rows is None else rows
+        texts: list[str] = []
+        for start in range(0, len(rows), cfg.eval_batch_size):
+            chunk = rows[start : start + cfg.eval_batch_size]
+            texts += self._sample(chunk, do_sample=False, max_new_tokens=cfg.eval_max_new_tokens)[-1]
+        scale = getattr(self.reward_fn, "scale", 10)
+        metrics, per_row = evaluation_table([r.fields for r in rows], texts, scale, cfg.eval_group_by)
+        metrics["step"] = self.step_count
+        if write and self.accelerator.is_main_process:
+            out = self.output_dir / "eval"
+            out.mkdir(parents=True, exist_ok=True)
+            payload = json.dumps({"metrics": metrics, "rows": per_row}, indent=1)
+            (out / f"step-{self.step_count:06d}.json").write_text(payload)
+        return metrics
+
+    def export(self, directory: str | Path, eval_metrics: dict | None = None, merged: bool = False) -> Path:
+        """Write the policy adapter (PEFT directory ``adapter/``), ``value_head.safetensors`` and
+        ``eval.json`` to ``directory`` (main process; written beside it and renamed into place).
+        ``merged`` also writes ``merged/``: the saved adapter merged into a freshly loaded 16-bit
+        base (the trainer's own model is left as it is)."""
+        from radialog_rl.training.ppo.state import save_policy_files
+
+        directory = Path(directory)
+        if self.accelerator.is_main_process:
+            save_policy_files(self.unwrapped, directory, eval_metrics)
+            if merged:
+                self._export_merged(directory)
+        self.accelerator.wait_for_everyone()
+        return directory
+
+    def _export_merged(self, directory: Path) -> None:
+        """``directory/merged``: the saved adapter merged into a freshly loaded 16-bit base."""
+        from radialog_rl.loading.export import save_lora_merged_llava_model_to_local_dir
+
+        cfg = self.config
+        if cfg.entry_point == "fresh_lora":
+            paths = dict(model_path=cfg.llava_model_path, model_base=cfg.llava_model_path)
+        else:
+            paths = dict(model_path=cfg.model_path, model_base=cfg.model_base)
+        dtype = torch.float32 if cfg.dtype == "fp32" else torch.bfloat16
+        save_lora_merged_llava_model_to_local_dir(directory / "merged", directory / "adapter", dtype=dtype, **paths)
+
+    def _after_eval(self, metrics: dict) -> None:
+        cfg = self.config
+        if not cfg.best_metric:
+            return
+        from radialog_rl.training.ppo.evaluation import is_better
+
+        value = metrics.get(cfg.best_metric.removeprefix("eval/"))
+        if is_better(cfg.best_metric, value, self.best_value, cfg.best_mode):
+            self.best_value = value
+            self.export(self.output_dir / "best", metrics)
+            logger.info("new best %s = %.4f at step %d", cfg.best_metric, value, self.step_count)
+
+    def _log_eval(self, metrics: dict) -> None:
+        flat = {f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "step"}
+        for key, table in metrics.get("groups", {}).items():
+            for value, stats in table.items():
+                if stats["mean_confidence"] is not None:
+                    flat[f"eval/mean_confidence/{key}={value}"] = stats["mean_confidence"]
+        flat["step"] = self.step_count
+        self._log(flat)
+        logger.info("eval at step %d: accuracy %.3f, ECE %s, AUROC %s, parse failures %s", self.step_count,
+                    metrics["accuracy"], _fmt(metrics["ece"]), _fmt(metrics["auroc"]),
+                    _fmt(metrics["parse_failure_rate"]))
+
     # -- the loop -------------------------------------------------------------------------------------
     def train(self, steps: int | None = None) -> list[dict]:
         """Run until ``steps`` (default ``config.steps``) steps are done; metrics every step to
@@ -584,9 +675,22 @@ class PPOTrainer:
             self._log(metrics)
             bar.update(1)
             bar.set_postfix(score=f"{metrics['env/score_mean']:.3f}", kl=f"{metrics['objective/kl']:.3f}")
-            if self.step_count % self.config.save_every == 0 or self.step_count == total:
+            cfg = self.config
+            if self.eval_rows and cfg.eval_every and self.step_count % cfg.eval_every == 0 \
+                    and self.step_count < total:
+                evaluation = self.evaluate()
+                self._log_eval(evaluation)
+                self._after_eval(evaluation)
+            if self.step_count % cfg.save_every == 0 or self.step_count == total:
                 save_checkpoint(self)
         bar.close()
+        final_eval = None
+        if self.eval_rows:
+            final_eval = self.evaluate()
+            self._log_eval(final_eval)
+            self._after_eval(final_eval)
+        if self.config.export_final:
+            self.export(self.output_dir / "final", final_eval, merged=self.config.export_merged)
         return history
 
     def _log(self, metrics: dict) -> None:
