@@ -354,7 +354,7 @@ def render_case(seed: int, finding: str | None = None, visibility: float = 0.0, 
     """
     size = _check_size(size)
     visibility = _check_visibility(visibility)
-    if noise_std < 0:
+    if not noise_std >= 0:  # also refuses NaN
         raise ConfigError(f"noise_std must be >= 0, got {noise_std!r}")
     background = np.asarray(make_synthetic_chest_xray(int(seed), size=size), dtype=np.float64)
     picture = background / 255.0
