@@ -159,7 +159,8 @@ class ConfidenceProbe:
         if len(set(y[idx_train].tolist())) < 2:
             raise DataError("the probe's train split holds one class only; use more labelled samples")
         scaler = StandardScaler().fit(x[idx_train])
-        xt, xh = scaler.transform(x[idx_train]), scaler.transform(x[idx_held])
+        xt = scaler.transform(x[idx_train])
+        xh = scaler.transform(x[idx_held]) if idx_held.size else None
         best = None
         for c in Cs if idx_held.size else Cs[:1]:
             clf = LogisticRegression(C=float(c), max_iter=max_iter, random_state=seed).fit(xt, y[idx_train])
