@@ -121,9 +121,16 @@ def ptrue_prompts(
     questions: Sequence[str], responses: Sequence[str], template: str = DEFAULT_TEMPLATE,
     chat_template: bool = True,
 ) -> list[str]:
-    """The full self-evaluation prompts (vicuna chat template when ``chat_template``)."""
+    """The full self-evaluation prompts (vicuna chat template when ``chat_template``).
+
+    The image goes where the template has ``<image>``; without one it stays where the question has
+    it (or is prepended).
+    """
     out = []
+    own_image = DEFAULT_IMAGE_TOKEN in template  # the template places the image: drop the question's
     for question, response in zip(questions, responses, strict=True):
+        if own_image:
+            question = question.replace(DEFAULT_IMAGE_TOKEN, "").strip(" .\n")
         message = user_message(template.format(question=question, answer=strip_confidence(response)))
         out.append(build_prompt(message) if chat_template else message)
     return out
