@@ -82,6 +82,9 @@ def test_bad_rows_are_named(tmp_path):
         load_labelled_jsonl(path)
     with pytest.raises(DataError, match="not found"):
         load_labelled_jsonl(tmp_path / "missing.jsonl")
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(DataError, match="no rows"):
+        load_labelled_jsonl(tmp_path / "empty.jsonl")
 
 
 def test_binning_and_method_names():

@@ -73,6 +73,8 @@ def load_labelled_jsonl(path: str | os.PathLike) -> list[LabelledSample]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"labelled data file not found: {path}")
+    if not path.read_text(encoding="utf-8", errors="replace").strip():
+        raise DataError(f"labelled data file {path} has no rows; expected one JSON object per line")
     samples, bad = [], []
     for index, row in enumerate(load_prompt_jsonl(path)):  # images resolved and checked there
         try:
