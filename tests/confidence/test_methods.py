@@ -300,3 +300,16 @@ def test_each_image_goes_through_the_tower_once(tiny_model_fp32, samples, probe)
     finally:
         handle.remove()
     assert calls == [3, 3, 2]
+
+
+def test_ptrue_prompt_shows_the_answer_without_confidence():
+    from radialog_rl.calibration.prompts import qa_prompt
+    from radialog_rl.confidence.ptrue import ptrue_prompts
+
+    question = qa_prompt("Edema")
+    [prompt] = ptrue_prompts([question], ['Yes {"confidence": 7}'])
+    assert prompt == build_prompt("<image>. Is there evidence of pulmonary edema in this chest X-ray?\n"
+                                  "Proposed answer: Yes\nIs the proposed answer correct? Answer Yes or No.")
+    [own] = ptrue_prompts([question], ["No"], template="Q: {question} A: {answer}. Right? <image>",
+                          chat_template=False)
+    assert own == "Q: Is there evidence of pulmonary edema in this chest X-ray? A: No. Right? <image>"

@@ -14,8 +14,8 @@ Default template (:data:`DEFAULT_TEMPLATE`): adapted from the P(True) prompt of 
 2022, "Language Models (Mostly) Know What They Know" (arXiv:2207.05221, §3: "Question: ...
 Proposed Answer: ... Is the proposed answer: (A) True (B) False"), with Yes/No in place of the
 lettered True/False options so that RaDialog's chat format can answer in one word. ``{question}``
-is the sample's user message (with its ``<image>``), ``{answer}`` the response without its
-``{"confidence": N}`` statement.
+is the sample's user message (with its ``<image>``; the package's request for a stated confidence
+removed), ``{answer}`` the response without its ``{"confidence": N}`` statement.
 
 Yes/No token ids come from the tokenizer: for each word the SentencePiece pieces ``"▁Word"``
 (after a space, which is how ``"ASSISTANT: Yes"`` tokenizes) and ``"Word"`` (no space) that exist
@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from radialog_rl.calibration.parsing import strip_confidence
+from radialog_rl.calibration.prompts import CONFIDENCE_SCALES, confidence_instruction
 from radialog_rl.constants import DEFAULT_IMAGE_TOKEN
 from radialog_rl.data.prompts import build_prompt
 from radialog_rl.errors import ConfigError
@@ -46,6 +47,8 @@ __all__ = [
     "ptrue_from_logits",
     "ptrue_prompts",
     "ptrue_scores",
+    "resolve_yes_no_ids",
+    "strip_confidence_request",
 ]
 
 logger = logging.getLogger(__name__)
@@ -117,6 +120,16 @@ def resolve_yes_no_ids(tokenizer, config: PTrueConfig) -> tuple[list[int], list[
     return yes, no
 
 
+def strip_confidence_request(question: str) -> str:
+    """``question`` without the package's request for a ``{"confidence": N}`` statement
+    (:func:`radialog_rl.calibration.prompts.confidence_instruction`, any task and scale): the
+    self-evaluation asks about the answer only."""
+    for scale in CONFIDENCE_SCALES:
+        for task in ("qa", "report"):
+            question = question.replace(confidence_instruction(scale, task), "")
+    return question.strip()
+
+
 def ptrue_prompts(
     questions: Sequence[str], responses: Sequence[str], template: str = DEFAULT_TEMPLATE,
     chat_template: bool = True,
@@ -124,11 +137,13 @@ def ptrue_prompts(
     """The full self-evaluation prompts (vicuna chat template when ``chat_template``).
 
     The image goes where the template has ``<image>``; without one it stays where the question has
-    it (or is prepended).
+    it (or is prepended). The question's request for a stated confidence is removed
+    (:func:`strip_confidence_request`) and so is the answer's confidence statement.
     """
     out = []
     own_image = DEFAULT_IMAGE_TOKEN in template  # the template places the image: drop the question's
     for question, response in zip(questions, responses, strict=True):
+        question = strip_confidence_request(question)
         if own_image:
             question = question.replace(DEFAULT_IMAGE_TOKEN, "").strip(" .\n")
         message = user_message(template.format(question=question, answer=strip_confidence(response)))
