@@ -63,6 +63,7 @@ def test_four_method_table_end_to_end(tiny_release, labelled_path, tmp_path, cap
     (["--method", "probe"], "needs either --probe"),
     (["--method", "entropy"], "unknown confidence method"),
     (["--method", "ptrue", "--ptrue-template", "no fields"], "must contain {question}"),
+    (["--method", "probe", "--probe-train", "x.jsonl", "--probe-heldout", "1"], "--probe-heldout"),
 ])
 def test_bad_arguments_exit_1_with_one_line(tiny_release, labelled_path, capsys, extra, message):
     code = main(["confidence", *extra, *_model_args(tiny_release), "--data", labelled_path])

@@ -167,6 +167,11 @@ def run(args: argparse.Namespace) -> int:
                           "(labelled samples to train one on), not both")
     if args.probe_out is not None and args.probe_train is None:
         raise ConfigError("--probe-out saves a probe trained with --probe-train; pass --probe-train")
+    if not 0.0 <= args.probe_heldout < 1.0:
+        raise ConfigError(f"--probe-heldout must be in [0, 1), got {args.probe_heldout}")
+    if args.probe_train is not None and "probe" not in methods and args.probe_out is None:
+        logger.warning("--probe-train is ignored: the probe method is not selected and there is no --probe-out")
+        args.probe_train = None
 
     from radialog_rl.cli.generate import _apply_lora
     from radialog_rl.confidence.estimate import estimate_confidence, train_probe
