@@ -117,6 +117,13 @@ _EXPORTS: dict[str, str] = {
     "SFTConfig": "radialog_rl.training.sft",
     "load_sft_config": "radialog_rl.training.sft",
     "run_sft": "radialog_rl.training.sft",
+    # confidence estimation from a model (verbalized, P(True), sequence probability, probe)
+    "estimate_confidence": "radialog_rl.confidence.estimate",
+    "EstimateConfig": "radialog_rl.confidence.estimate",
+    "train_probe": "radialog_rl.confidence.estimate",
+    "ConfidenceProbe": "radialog_rl.confidence.probe",
+    "ConfidenceResult": "radialog_rl.confidence.base",
+    "load_labelled_jsonl": "radialog_rl.confidence.samples",
     # tiny release for tests and demos
     "make_tiny_release": "radialog_rl.testing.tiny",
     "TinyRelease": "radialog_rl.testing.tiny",

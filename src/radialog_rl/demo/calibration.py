@@ -49,10 +49,25 @@ PRESETS = {
 
 @dataclass
 class ExperimentResult:
+    """What :func:`run_calibration_experiment` measured.
+
+    rows: the table (SFT, PPO, oracle, best constant) with accuracy, ece, brier, auroc,
+        parse_failure_rate, mean_confidence; groups: per model, mean stated confidence (0..1) by
+        visibility group among positives; targets: each target of the issue and whether it holds;
+        seconds: wall time per phase; plots: the reliability diagrams written.
+    """
+
     rows: list[dict[str, Any]] = field(default_factory=list)
-    groups: dict[str, Any] = field(default_factory=dict)
+    groups: dict[str, dict[str, float | None]] = field(default_factory=dict)
+    targets: list[tuple[str, str, bool]] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
+    plots: list[Path] = field(default_factory=list)
     work: Path | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"rows": self.rows, "groups": self.groups, "seconds": self.seconds,
+                "targets": [{"target": t, "measured": m, "met": ok} for t, m, ok in self.targets],
+                "plots": [str(p) for p in self.plots], "work": str(self.work)}
 
 
 def _recipe(name: str) -> dict[str, Any]:
@@ -95,8 +110,84 @@ def run_calibration_experiment(work: str | Path, preset: str | Preset = "full", 
     trainer.train()
     after = json.loads((work / "ppo" / "final" / "eval.json").read_text())
     result.seconds["ppo"] = time.perf_counter() - t
-    result.rows = _table(work / "ppo" / "eval", before, after)
+    eval_dir = work / "ppo" / "eval"
+    result.rows = _table(eval_dir, before, after)
+    sft_rows, ppo_rows = _eval_rows(eval_dir, before["step"]), _eval_rows(eval_dir, after["step"])
+    result.groups = {"SFT": _positive_groups(sft_rows), "PPO": _positive_groups(ppo_rows)}
+    result.targets = check_targets(result.rows, result.groups["PPO"])
+    result.plots = _plots(work / "plots", sft_rows, ppo_rows)
+    (work / "summary.json").write_text(json.dumps(result.to_dict(), indent=2, default=str))
     return result
+
+
+def _positive_groups(rows: list[dict[str, Any]]) -> dict[str, float | None]:
+    """Mean stated confidence (0..1) per visibility group among positive images."""
+    groups: dict[str, list[float]] = {}
+    for row in rows:
+        if row.get("visibility_group") in (None, "none"):
+            continue
+        groups.setdefault(row["visibility_group"], [])
+        if row["confidence"] is not None:
+            groups[row["visibility_group"]].append(row["confidence"] / 10)
+    return {g: (sum(v) / len(v) if v else None) for g, v in sorted(groups.items())}
+
+
+def check_targets(rows: list[dict[str, Any]], groups: dict[str, float | None]) -> list[tuple[str, str, bool]]:
+    """The issue's targets on the held-out set: ``(target, measured, met)`` per target."""
+    by = {r["model"].split(" ")[0]: r for r in rows}
+    sft, ppo, oracle, constant = by["SFT"], by["PPO"], by["oracle"], by["best"]
+    auroc = ppo["auroc"] or 0.0
+    oracle_auroc = oracle["auroc"] or 0.0
+    values = [groups[g] for g in sorted(groups, key=float)]
+    monotone = len(values) >= 4 and all(v is not None for v in values) and all(
+        b > a for a, b in zip(values, values[1:]))
+    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    return [
+        ("AUROC >= 0.75", fmt(ppo["auroc"]), auroc >= 0.75),
+        ("AUROC >= 0.9 x oracle", f"{fmt(ppo['auroc'])} vs {fmt(0.9 * oracle_auroc)}", auroc >= 0.9 * oracle_auroc),
+        ("Brier <= 0.85 x best constant", f"{fmt(ppo['brier'])} vs {fmt(0.85 * constant['brier'])}",
+         ppo["brier"] is not None and ppo["brier"] <= 0.85 * constant["brier"]),
+        ("ECE <= 0.06", fmt(ppo["ece"]), ppo["ece"] is not None and ppo["ece"] <= 0.06),
+        ("parse failures <= 2%", fmt(ppo["parse_failure_rate"]), (ppo["parse_failure_rate"] or 0.0) <= 0.02),
+        ("confidence rises with visibility (positives, >= 4 groups)",
+         " < ".join(fmt(v) for v in values), monotone),
+        ("accuracy >= SFT - 0.02", f"{fmt(ppo['accuracy'])} vs {fmt(sft['accuracy'])}",
+         ppo["accuracy"] >= sft["accuracy"] - 0.02),
+    ]
+
+
+def _plots(directory: Path, sft_rows: list[dict[str, Any]], ppo_rows: list[dict[str, Any]]) -> list[Path]:
+    """Reliability diagrams before (SFT) and after (PPO); skipped without matplotlib."""
+    from radialog_rl.calibration.plots import reliability_diagram
+    from radialog_rl.errors import RadialogError
+
+    written = []
+    for name, rows in (("sft", sft_rows), ("ppo", ppo_rows)):
+        try:
+            written.append(reliability_diagram([r["confidence"] for r in rows], [r["correct"] for r in rows],
+                                               directory / f"reliability_{name}.png",
+                                               title=f"{name.upper()} (held-out, greedy)"))
+        except RadialogError as exc:  # matplotlib missing: the table is still the result
+            logger.warning("no reliability diagrams: %s", exc)
+            break
+    return written
+
+
+def format_summary(result: ExperimentResult) -> str:
+    """The one-screen summary: the table, confidence by visibility, the targets."""
+    cols = ("accuracy", "ece", "brier", "auroc", "parse_failure_rate", "mean_confidence")
+    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    lines = ["| model | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    lines += ["| " + r["model"] + " | " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in result.rows]
+    groups = sorted({g for m in result.groups.values() for g in m}, key=float)
+    lines += ["", "mean stated confidence among positives, by visibility:",
+              "| model | " + " | ".join(groups) + " |", "|---|" + "---|" * len(groups)]
+    lines += ["| " + m + " | " + " | ".join(fmt(v.get(g)) for g in groups) + " |" for m, v in result.groups.items()]
+    lines += ["", "targets:"] + [f"  [{'x' if ok else ' '}] {t}: {m}" for t, m, ok in result.targets]
+    lines += ["", "seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in result.seconds.items())]
+    if result.plots:
+        lines.append("reliability diagrams: " + ", ".join(str(p) for p in result.plots))
+    return "\n".join(lines)
 
 
 def _eval_rows(eval_dir: Path, step: int) -> list[dict[str, Any]]:
