@@ -124,6 +124,8 @@ def make_synthetic_mimic(
     subjects: dict[int, str] = {}
     used_subjects: set[int] = set()
     study_id = 50_000_000 + rng.randrange(1000)
+    questioned = [name for name in CHEXPERT_FINDINGS if name != "No Finding"]
+    study_count = dict.fromkeys(("train", "validate", "test"), 0)  # per split: the rotation covers each
     for i in range(n_subjects):
         subject = rng.randrange(10_000_000, 20_000_000)
         while subject in used_subjects:
@@ -133,8 +135,20 @@ def make_synthetic_mimic(
         subjects[subject] = split
         for _ in range(rng.randint(1, 3)):
             study_id += rng.randint(1, 5000)
-            labels = {name: _label(rng) for name in CHEXPERT_FINDINGS if name != "No Finding"}
-            labels["No Finding"] = "" if "1.0" in labels.values() else "1.0"
+            labels = {name: _label(rng) for name in questioned}
+            # Four of five studies of a split get two positive and two negative findings in
+            # rotation, so every finding has yes and no studies in every split. The fifth has no
+            # positive finding: alternately "No Finding" 1.0, or every label empty/0/-1 (which
+            # RaDialog's prompt calls "no common findings").
+            j = study_count[split]
+            study_count[split] += 1
+            if j % 5 != 4:
+                for k, value in ((0, "1.0"), (6, "1.0"), (3, "0.0"), (9, "0.0")):
+                    labels[questioned[(j + k) % len(questioned)]] = value
+                labels["No Finding"] = ""
+            else:
+                labels = {name: "" if value == "1.0" else value for name, value in labels.items()}
+                labels["No Finding"] = "1.0" if j % 10 == 9 else ""
             chexpert_rows.append([subject, study_id, *(labels[n] for n in sorted(CHEXPERT_FINDINGS))])
             views = [rng.choice(("PA", "AP"))] + (["LATERAL"] if rng.random() < 0.5 else [])
             views += ["AP"] if rng.random() < 0.15 else []

@@ -110,7 +110,9 @@ def build_binary_qa(
                 pool = [im for im in members if im.label(finding) == value]
                 chosen, repeated = select(pool, n_per_finding // 2, lambda im: im.key, seed,
                                           f"qa/{finding}/{value}")
-                if repeated:
+                if not pool:
+                    logger.warning("%s: no %s study for %s; it gets no %s rows", part, answer, finding, answer)
+                elif repeated:
                     logger.warning("%s: only %d %s studies for %s; %d rows are repeats", part, len(pool),
                                    answer, finding, repeated)
                 for image, repeat in chosen:
