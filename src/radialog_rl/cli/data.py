@@ -30,7 +30,8 @@ _EPILOG = """\
 examples:
   radialog-rl data mimic-table /data/mimic-cxr-jpg/2.0.0 --out data/mimic_master.jsonl
   radialog-rl data mimic-binary-qa /data/mimic-cxr-jpg/2.0.0 --out data/qa --split train --n-per-finding 1000 --subsets sft=0.5,ppo=0.5
-  radialog-rl data mimic-reports /data/mimic-cxr-jpg/2.0.0 --out data/reports --split train --split test --n 2000"""
+  radialog-rl data mimic-reports /data/mimic-cxr-jpg/2.0.0 --out data/reports --split train --split test --n 2000
+  radialog-rl data mimic-synthetic .cache/mimic-synthetic/mimic-cxr-jpg   # invented data to try it on"""
 
 
 def _add_common(p: argparse.ArgumentParser, *, frontal_default: bool) -> None:
@@ -102,6 +103,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      help="one row per image of each study (default: one image per study, chosen by hash)")
     rep.set_defaults(func=run_reports)
 
+    syn = sub.add_parser("mimic-synthetic", help="write a synthetic MIMIC-CXR-JPG-shaped tree (invented "
+                                                 "subjects, tiny JPEGs; for trying the builders and configs)")
+    syn.add_argument("out", type=Path, metavar="DIR", help="where to write the tree")
+    syn.add_argument("--subjects", type=positive_int, default=40, help="invented patients (default 40)")
+    syn.add_argument("--seed", type=int, default=0, help="seed of the invented data (default 0)")
+    syn.set_defaults(func=run_synthetic)
+
 
 def _finish(result) -> int:
     print(result.summary_table())
@@ -137,3 +145,12 @@ def run_reports(args: argparse.Namespace) -> int:
         subsets=args.subsets, predictions=args.predictions, images_per_study=args.images_per_study,
         frontal_only=args.frontal_only, drop_missing_images=args.drop_missing_images, scale=args.scale,
         absolute_paths=args.absolute_paths, prefix=args.prefix))
+
+
+def run_synthetic(args: argparse.Namespace) -> int:
+    from radialog_rl.testing.mimic import make_synthetic_mimic
+
+    tree = make_synthetic_mimic(args.out, n_subjects=args.subjects, seed=args.seed)
+    print(f"wrote a synthetic MIMIC-CXR-JPG tree to {tree.root}: {len(tree.subjects)} subjects, "
+          f"{tree.images} images ({len(tree.missing_images)} image files left out on purpose)")
+    return 0
