@@ -165,10 +165,10 @@ def test_word_overlap_reward_by_hand():
     rows = [{"reference": "A b c d."}, {"reference": "x"}, {}]
     assert word_overlap_accuracy(rows, ["a b x", "y", "z"]) == [pytest.approx(2 / 5), 0.0, None]
     # confidence 8 -> p = 0.8; accuracy = |{a,b}| / |{a,b,c,d,x}| = 0.4 (the JSON is stripped first)
-    # R = 0.4 ln 0.8 + 0.6 ln 0.2 = -1.054920; shifted: 2 * (2 (R - ln 0.01) / -ln 0.01 - 1) = 1.083693
+    # R = 0.4 ln 0.8 + 0.6 ln 0.2 = -1.054920; shifted: 2 * (2 * 3.550250 / 4.605170 - 1) = 1.083708
     out = report_reward_with_word_overlap(rows[:1], ['a b x {"confidence": 8}'], reward="report_loglik",
                                           shaping="shifted", eps=0.01, reward_scale=2.0)
-    assert out.scores == [pytest.approx(1.083693, abs=1e-6)] and out.accuracies == [pytest.approx(0.4)]
+    assert out.scores == [pytest.approx(1.083708, abs=1e-6)] and out.accuracies == [pytest.approx(0.4)]
     # quadratic blend, beta 0: 2 * (0 - (0.8 - 0.4)^2) = -0.32
     out = report_reward_with_word_overlap(rows[:1], ['a b x {"confidence": 8}'], reward="quadratic_blend",
                                           beta=0.0, reward_scale=2.0, r_max=0.0)
