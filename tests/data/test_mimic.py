@@ -8,7 +8,6 @@ import gzip
 import io
 import json
 import random
-import shutil
 from collections import Counter
 from pathlib import Path
 

@@ -29,7 +29,8 @@ to the output."""
 _EPILOG = """\
 examples:
   radialog-rl data mimic-table /data/mimic-cxr-jpg/2.0.0 --out data/mimic_master.jsonl
-  radialog-rl data mimic-binary-qa /data/mimic-cxr-jpg/2.0.0 --out data/qa --split train --n-per-finding 1000 --subsets sft=0.5,ppo=0.5
+  radialog-rl data mimic-binary-qa /data/mimic-cxr-jpg/2.0.0 --out data/qa --split train \\
+      --n-per-finding 1000 --subsets sft=0.5,ppo=0.5
   radialog-rl data mimic-reports /data/mimic-cxr-jpg/2.0.0 --out data/reports --split train --split test --n 2000
   radialog-rl data mimic-synthetic .cache/mimic-synthetic/mimic-cxr-jpg   # invented data to try it on"""
 

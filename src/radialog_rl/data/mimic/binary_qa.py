@@ -22,8 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from radialog_rl.calibration.prompts import format_confidence, qa_prompt, qa_questions
-from radialog_rl.data.mimic.outputs import BuildResult, image_field, write_jsonl, write_manifest
+from radialog_rl.data.mimic.outputs import BuildResult, image_field, write_manifest, write_part
 from radialog_rl.data.mimic.selection import (
+    hash_confidence,
     one_per_study,
     parse_fractions,
     select,
@@ -51,7 +52,7 @@ def _rows_for(
     prompt = qa_prompt(finding, scale, template=h % len(qa_questions(finding)))
     ppo = {"image": image_path, "prompt": prompt, "answer": answer, "finding": finding,
            "subject_id": image.subject_id, "study_id": image.study_id, "dicom_id": image.dicom_id}
-    confidence = selection_hash(seed, "qa-confidence", finding, *image.key, repeat) % (scale + 1)
+    confidence = hash_confidence(seed, scale, "qa", finding, *image.key, repeat)
     sft = {**ppo, "target": f"{answer.capitalize()} {format_confidence(confidence)}"}
     return ppo, sft
 
@@ -126,10 +127,8 @@ def build_binary_qa(
         if not ppo_rows:
             raise ConfigError(f"no binary QA rows for {part}: no study there has a 1/0 label for "
                               f"{', '.join(wanted)} (check --split and the label file)")
-        for kind, rows in (("ppo", ppo_rows), ("sft", sft_rows)):
-            name = f"{prefix}_{part}.{kind}"
-            files[name] = out_dir / f"{name}.jsonl"
-            write_jsonl(files[name], (row for _, row in sorted(rows, key=lambda r: r[0])))
+        write_part(out_dir, prefix, part, [row for _, row in sorted(ppo_rows, key=lambda r: r[0])],
+                   [row for _, row in sorted(sft_rows, key=lambda r: r[0])], files)
     parameters = dict(splits=list(splits), n_per_finding=n_per_finding, seed=seed, subsets=fractions,
                       findings=list(wanted), frontal_only=frontal_only, drop_missing_images=drop_missing_images,
                       scale=scale, absolute_paths=absolute_paths, prefix=prefix)

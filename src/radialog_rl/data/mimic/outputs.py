@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["BUILDER_VERSION", "BuildResult", "format_table", "image_field", "sha256_file", "write_jsonl",
-           "write_manifest"]
+           "write_manifest", "write_part"]
 
 #: Bumped whenever a builder's output for the same inputs and parameters changes.
 BUILDER_VERSION = "1"
@@ -50,9 +50,10 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 
 def image_field(root: Path, relpath: str, out_dir: Path, absolute: bool) -> str:
     """The ``image`` value of a row: relative to the output folder (the loaders resolve it against
-    the JSONL file's folder), or absolute."""
-    path = (root / relpath).resolve()
-    return str(path) if absolute else Path(os.path.relpath(path, out_dir.resolve())).as_posix()
+    the JSONL file's folder), or absolute. Symlinks are kept as they are (a linked MIMIC mount stays
+    addressed through its link)."""
+    path = os.path.abspath(root / relpath)
+    return path if absolute else Path(os.path.relpath(path, os.path.abspath(out_dir))).as_posix()
 
 
 def write_jsonl(path: Path, rows: Iterable[Mapping[str, Any]]) -> int:
@@ -66,6 +67,15 @@ def write_jsonl(path: Path, rows: Iterable[Mapping[str, Any]]) -> int:
             count += 1
     os.replace(tmp, path)  # a half-written file never carries the final name
     return count
+
+
+def write_part(out_dir: Path, prefix: str, part: str, ppo_rows: Iterable[Mapping[str, Any]],
+               sft_rows: Iterable[Mapping[str, Any]], files: dict[str, Path]) -> None:
+    """Write ``<prefix>_<part>.ppo.jsonl`` and ``.sft.jsonl``, recording both in ``files``."""
+    for kind, rows in (("ppo", ppo_rows), ("sft", sft_rows)):
+        name = f"{prefix}_{part}.{kind}"
+        files[name] = out_dir / f"{name}.jsonl"
+        write_jsonl(files[name], rows)
 
 
 def write_manifest(
@@ -86,7 +96,7 @@ def write_manifest(
         "builder": builder,
         "builder_version": BUILDER_VERSION,
         "package_version": __version__,
-        "inputs": {name: {"path": str(Path(p).resolve()), "bytes": Path(p).stat().st_size,
+        "inputs": {name: {"path": os.path.abspath(p), "bytes": Path(p).stat().st_size,
                           "sha256": sha256_file(p)} for name, p in inputs.items()},
         "parameters": {k: (str(v) if isinstance(v, Path) else v) for k, v in parameters.items()},
         "outputs": {name: {"file": p.name, "rows": _count_lines(p), "sha256": sha256_file(p)}

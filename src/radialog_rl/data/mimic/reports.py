@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from radialog_rl.calibration.prompts import format_confidence, report_confidence_prompt
-from radialog_rl.data.mimic.outputs import BuildResult, image_field, write_jsonl, write_manifest
-from radialog_rl.data.mimic.selection import one_per_study, parse_fractions, select, selection_hash, split_parts
+from radialog_rl.data.mimic.outputs import BuildResult, image_field, write_manifest, write_part
+from radialog_rl.data.mimic.selection import hash_confidence, one_per_study, parse_fractions, select, split_parts
 from radialog_rl.data.mimic.tables import MimicError, build_master_table
 from radialog_rl.data.prompts import CHEXPERT_FINDINGS
 from radialog_rl.errors import ConfigError
@@ -132,13 +132,10 @@ def build_report_generation(
                    "prompt": report_confidence_prompt(names, scale), "reference": image.findings,
                    "findings": names, "subject_id": image.subject_id, "study_id": image.study_id,
                    "dicom_id": image.dicom_id}
-            confidence = selection_hash(seed, "report-confidence", *image.key) % (scale + 1)
+            confidence = hash_confidence(seed, scale, "report", *image.key)
             ppo_rows.append(ppo)
             sft_rows.append({**ppo, "target": f"{image.findings} {format_confidence(confidence)}"})
-        for kind, rows in (("ppo", ppo_rows), ("sft", sft_rows)):
-            name = f"{prefix}_{part}.{kind}"
-            files[name] = out_dir / f"{name}.jsonl"
-            write_jsonl(files[name], rows)
+        write_part(out_dir, prefix, part, ppo_rows, sft_rows, files)
         summary.append({"part": part, "split": split, "rows": len(chosen), "available": len(members),
                         "subjects": len({im.subject_id for im, _ in chosen}),
                         "no_common_findings": normal})

@@ -17,13 +17,22 @@ from radialog_rl.errors import ConfigError
 
 T = TypeVar("T")
 
-__all__ = ["hash_order", "parse_fractions", "partition_by_subject", "select", "selection_hash", "unit_hash"]
+__all__ = [
+    "hash_confidence", "hash_order", "one_per_study", "parse_fractions", "partition_by_subject", "select",
+    "selection_hash", "split_parts", "unit_hash",
+]
 
 
 def selection_hash(seed: int, *parts: object) -> int:
     """A 64-bit integer from ``sha256`` of the seed and ``parts`` (their ``str``, unit-separated)."""
     text = "\x1f".join([str(int(seed)), *(str(p) for p in parts)])
     return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big")
+
+
+def hash_confidence(seed: int, scale: int, *parts: object) -> int:
+    """A format-learning SFT confidence: uniform on ``0..scale`` from the hash of ``parts`` (the bias
+    of ``2**64 mod (scale + 1)`` is below 1e-17)."""
+    return selection_hash(seed, "confidence", *parts) % (scale + 1)
 
 
 def unit_hash(seed: int, *parts: object) -> float:
