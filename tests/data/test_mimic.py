@@ -358,3 +358,10 @@ def test_parameter_errors(mimic, tmp_path):
         build_master_table(mimic.root, splits=["val"])
     with pytest.raises(ConfigError, match="images_per_study"):
         build_report_generation(mimic.root, tmp_path, images_per_study="some")
+
+
+def test_absolute_image_paths(mimic, tmp_path):
+    build_binary_qa(mimic.root, tmp_path, n_per_finding=2, absolute_paths=True, findings=["Edema"])
+    rows = _jsonl(tmp_path / "binary_qa_train.ppo.jsonl")
+    assert len(rows) == 2 and all(Path(r["image"]).is_absolute() and Path(r["image"]).is_file() for r in rows)
+    assert rows[0]["image"].startswith(str(mimic.root) + "/files/p")
