@@ -61,12 +61,15 @@ def test_tiny_twin_differs_only_in_paths_and_sizes(recipe):
 
 def test_real_configs_hold_the_published_numbers():
     from radialog_rl.training.ppo.config import load_ppo_config
-    from radialog_rl.training.sft import load_sft_config
+    from radialog_rl.training.sft import build_training_arguments, load_sft_config
 
     for recipe in ("binary_qa_sft", "report_sft"):
         config = load_sft_config(CONFIGS / f"{recipe}.yaml")
         assert config.precision == "4bit" and config.merge and config.trainer["learning_rate"] == 5e-5
         assert config.trainer["num_train_epochs"] == 1
+        # every trainer key is a valid TrainingArguments field (bf16 needs a GPU, which CI lacks)
+        args = build_training_arguments(load_sft_config(CONFIGS / f"{recipe}.yaml", trainer={"bf16": False}))
+        assert (args.learning_rate, args.num_train_epochs, args.optim.value) == (5e-5, 1, "paged_adamw_8bit")
     for recipe, lr, tokens, explore in (("binary_qa_ppo", 1e-5, 50, 0.4), ("report_ppo_shifted", 6e-6, 300, 0.25),
                                         ("report_ppo_quadratic", 6e-6, 300, 0.25)):
         c = load_ppo_config(CONFIGS / f"{recipe}.yaml")
