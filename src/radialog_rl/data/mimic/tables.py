@@ -50,6 +50,7 @@ __all__ = [
     "SPLITS",
     "SPLIT_FILE",
     "build_master_table",
+    "default_reports_path",
     "find_table",
     "image_relpath",
     "read_chexpert",
