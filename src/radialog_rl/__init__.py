@@ -103,6 +103,10 @@ _EXPORTS: dict[str, str] = {
     "preprocess_chest_xray": "radialog_rl.data.images",
     "collect_image_paths": "radialog_rl.data.images",
     "make_synthetic_chest_xray": "radialog_rl.data.images",
+    # synthetic visual calibration task and its reference confidences
+    "build_synthetic_task": "radialog_rl.data.synthetic_task",
+    "oracle_confidences": "radialog_rl.calibration.baselines",
+    "best_constant_confidence": "radialog_rl.calibration.baselines",
     "PPOConfig": "radialog_rl.training.ppo.config",
     "load_ppo_config": "radialog_rl.training.ppo.config",
     "PPOTrainer": "radialog_rl.training.ppo.trainer",
