@@ -24,7 +24,7 @@ TRAINER_MAY_DIFFER = {"output_dir", "per_device_train_batch_size", "per_device_e
                       "gradient_accumulation_steps", "max_steps", "bf16", "optim", "logging_steps",
                       "save_steps", "eval_steps", "report_to"}
 PPO_MAY_DIFFER = {"llava_model_path", "precision", "dtype", "device", "tensorboard", "gradient_checkpointing",
-                  "train_file", "batch_size", "mini_batch_size", "gradient_accumulation_steps",
+                  "train_file", "eval_file", "batch_size", "mini_batch_size", "gradient_accumulation_steps",
                   "max_new_tokens", "steps", "save_every", "output_dir"}
 
 
@@ -126,12 +126,13 @@ def _sft(recipe: str, release, train: Path, eval_: Path, out: Path) -> Path:
     return merged
 
 
-def _ppo(recipe: str, merged: Path, train: Path, out: Path) -> list[dict]:
+def _ppo(recipe: str, merged: Path, train: Path, out: Path, eval_file: Path | None = None) -> list[dict]:
     from radialog_rl.training.ppo.config import load_ppo_config
     from radialog_rl.training.ppo.trainer import PPOTrainer
 
     config = load_ppo_config(CONFIGS / "tiny" / f"{recipe}.yaml", llava_model_path=str(merged),
-                             train_file=str(train), output_dir=str(out))
+                             train_file=str(train), output_dir=str(out),
+                             eval_file=str(eval_file) if eval_file else None)
     history = PPOTrainer(config).train()
     assert len(history) == config.steps == 2
     for step in history:
@@ -153,8 +154,10 @@ def report_sft(tiny_release, data, tmp_path_factory) -> Path:
 
 
 def test_binary_qa_recipes_run_on_the_tiny_release(qa_sft, data, tmp_path):
-    history = _ppo("binary_qa_ppo", qa_sft, data / "qa" / "qa_train_ppo.ppo.jsonl", tmp_path / "ppo")
+    history = _ppo("binary_qa_ppo", qa_sft, data / "qa" / "qa_train_ppo.ppo.jsonl", tmp_path / "ppo",
+                   eval_file=data / "qa" / "qa_eval_validate.ppo.jsonl")
     assert "calibration/parse_failure_rate" in history[0]
+    assert list((tmp_path / "ppo" / "eval").glob("step-*.json"))  # the held-out evaluation ran
 
 
 @pytest.mark.parametrize("recipe", ["report_ppo_shifted", "report_ppo_quadratic"])
