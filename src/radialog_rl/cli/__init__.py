@@ -15,7 +15,7 @@ import os
 import sys
 
 #: Subcommand modules, in the order ``--help`` lists them.
-SUBCOMMANDS = ("demo", "make_tiny", "generate", "merge", "sft", "ppo", "evaluate", "confidence")
+SUBCOMMANDS = ("demo", "make_tiny", "generate", "merge", "sft", "ppo", "evaluate", "confidence", "data")
 
 logger = logging.getLogger("radialog_rl")
 
