@@ -222,3 +222,18 @@ def test_greedy_eval_is_deterministic(tiny_release, qa_data, tmp_path):
     trainer = PPOTrainer(_config(tiny_release, qa_data, tmp_path, eval_file=str(qa_data)),
                          reward_fn=get_reward("binary_qa_loglik"))
     assert trainer.evaluate(write=False) == trainer.evaluate(write=False)
+
+
+@pytest.mark.parametrize("value, pieces", [(7, ["7"]), (10, ["1", "0"])])
+def test_two_digit_confidences_are_optimised_and_parsed_whole(tiny_tokenizer, value, pieces):
+    """LLaMA's tokenizer splits "10" into "1", "0": the span (hence the policy loss and its
+    log-probs) covers both digit tokens, and parsing reads 10, not 1."""
+    from radialog_rl.calibration.parsing import find_confidence_span, parse_confidence
+
+    text = f'Yes {{"confidence": {value}}}'
+    ids = tiny_tokenizer(text, add_special_tokens=False).input_ids
+    assert tiny_tokenizer.decode(ids) == text and parse_confidence(text) == value
+    mask = span_token_mask(tiny_tokenizer, ids, find_confidence_span(text))
+    covered = [tiny_tokenizer.convert_ids_to_tokens(i) for i, m in zip(ids, mask) if m]
+    digits = [t for t in covered if t.strip("▁").isdigit()]
+    assert digits == pieces and covered[-1] == "}"
