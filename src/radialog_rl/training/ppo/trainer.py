@@ -152,7 +152,12 @@ class PPOTrainer:
         if reward_fn is None:
             from radialog_rl.calibration.rewards import load_reward
 
-            reward_fn = load_reward(config.reward, **config.reward_params)
+            params = dict(config.reward_params)
+            if config.accuracy_scorer:
+                from radialog_rl.scoring import build_scorer
+
+                params["accuracy_scorer"] = build_scorer(config.accuracy_scorer, **config.scorer)
+            reward_fn = load_reward(config.reward, **params)
         self.reward_fn = reward_fn
         if rows is None:
             if not config.train_file:
@@ -460,6 +465,9 @@ class PPOTrainer:
             "ppo/learning_rate": self.scheduler.get_last_lr()[0],
         }
         metrics.update(self._calibration_metrics(batch.reward_output))
+        from radialog_rl.scoring.base import scorer_metrics
+
+        metrics.update(scorer_metrics(self.reward_fn))  # scorer/failures etc. of this step's batch
         return metrics
 
     def _calibration_metrics(self, output) -> dict[str, float]:
