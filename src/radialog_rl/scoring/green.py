@@ -274,7 +274,7 @@ class GreenScorer(ReportScorer):
     def _score_batch(self, references: list[str], candidates: list[str], stats: ScoreStats) -> list[float | None]:
         scores: list[float | None] = [None] * len(references)
         keys = [ScoreCache.key(self.cache_namespace, r, c) for r, c in zip(references, candidates)]
-        cached = self.cache.get_many(keys) if self.cache else {}
+        cached = self.cache.get_many(keys) if self.cache is not None else {}
         todo = [i for i, k in enumerate(keys) if k not in cached]
         for i, k in enumerate(keys):
             if k in cached:
@@ -300,7 +300,7 @@ class GreenScorer(ReportScorer):
                 stats.last_failure = f"unparsable GREEN answer: {result[:120]!r}"
                 continue
             scores[i] = fresh[keys[i]] = green_score(counts)
-        if self.cache and fresh:
+        if self.cache is not None and fresh:  # (an empty cache is falsy: it has __len__)
             self.cache.put_many(fresh)
         if unreachable == len(todo):
             # Not one request got through: the server is gone, not just flaky.
