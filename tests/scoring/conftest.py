@@ -91,7 +91,8 @@ class LlamaServer:
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         self.process = subprocess.Popen(
             [sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--host", "127.0.0.1",
-             "--port", str(self.port), "--n_ctx", "4096", "--n_threads", "1", "--n_batch", "512",
+             "--port", str(self.port), "--n_ctx", "4096", "--n_threads", "1", "--n_threads_batch", "1",
+             "--n_batch", "512",
              "--seed", "0"],
             stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env,
         )

@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 
 _RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 _MAX_BACKOFF = 30.0
+_CHECK_TIMEOUT = 10.0  # seconds the reachability check waits for an answer
 
 
 class CompletionError(Exception):
@@ -127,8 +128,11 @@ class OpenAICompatibleClient:
         url = f"{self.base_url}/models"
         request = urllib.request.Request(url, headers=self._headers(), method="GET")
         try:
-            with self._opener.open(request, timeout=min(self.timeout, 10.0)) as response:
+            with self._opener.open(request, timeout=_CHECK_TIMEOUT) as response:
                 response.read()
+        except (TimeoutError, socket.timeout):
+            return  # it accepted the connection: someone listens, only busy (llama-cpp-python's
+            # /v1/models waits for the model lock while another client's request runs)
         except urllib.error.HTTPError as exc:
             if exc.code in (401, 403):
                 raise ScorerUnavailableError(
@@ -137,6 +141,8 @@ class OpenAICompatibleClient:
                 ) from None
         except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
             reason = getattr(exc, "reason", exc)
+            if isinstance(reason, (TimeoutError, socket.timeout)):
+                return  # as above: connected, but busy
             raise ScorerUnavailableError(
                 f"no OpenAI-compatible server answers at {self.base_url} ({reason}); start it or fix "
                 "scorer.server_url"
