@@ -50,6 +50,8 @@ def test_grammar_constrained_answers_are_parsed_and_scored(llama_server):
     serial = _scorer(llama_server, max_concurrency=1)
     assert serial.score_pairs(REFERENCES, CANDIDATES) == scores  # order kept under concurrency
     assert serial.last_stats.max_in_flight == 1
+    chat = _scorer(llama_server, endpoint="chat")  # /v1/chat/completions, the server's template
+    assert 0.0 <= chat.score_pairs(REFERENCES[:1], CANDIDATES[:1])[0] <= 1.0
 
 
 def test_random_model_answers_are_unparsable_none_and_counted(llama_server):

@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 
 from radialog_rl.cli.arguments import positive_int
@@ -125,7 +126,9 @@ def run(args: argparse.Namespace) -> int:
     candidates = [strip_confidence(c) for c in candidates]
     accuracies: list[float | None] = []
     cache_hits = 0
-    with tqdm(total=len(rows), desc=f"score ({args.scorer})", unit="report") as bar:
+    scorer.check()  # a missing server is one error line, before any progress bar
+    with tqdm(total=len(rows), desc=f"score ({args.scorer})", unit="report", file=sys.stderr,
+              disable=len(rows) <= args.batch_size) as bar:
         for start in range(0, len(rows), args.batch_size):
             end = start + args.batch_size
             accuracies += scorer.score_pairs(references[start:end], candidates[start:end])

@@ -84,6 +84,9 @@ class ReportScorer:
         """What the scorer talks to, for error messages (a server URL; the name for local ones)."""
         return self.name
 
+    def check(self) -> None:
+        """Raise :class:`ScorerUnavailableError` if the scorer cannot work at all (no server)."""
+
     def _score_batch(self, references: list[str], candidates: list[str], stats: ScoreStats) -> list[float | None]:
         raise NotImplementedError
 

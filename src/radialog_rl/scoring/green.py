@@ -266,6 +266,12 @@ class GreenScorer(ReportScorer):
     def target(self) -> str:
         return self.client.base_url
 
+    def check(self) -> None:
+        """Once per scorer: is anything listening at ``server_url``? (ScorerUnavailableError if not.)"""
+        if not self._checked:
+            self.client.check_reachable()
+            self._checked = True
+
     def _prompt(self, reference: str, candidate: str) -> str | list[dict[str, str]]:
         if self.endpoint == "chat":
             return [{"role": "user", "content": build_green_prompt(reference, candidate, self.max_words)}]
@@ -282,9 +288,7 @@ class GreenScorer(ReportScorer):
         stats.cache_hits = len(references) - len(todo)
         if not todo:
             return scores
-        if not self._checked:
-            self.client.check_reachable()  # raises ServerUnreachableError naming the URL
-            self._checked = True
+        self.check()
         prompts = [self._prompt(references[i], candidates[i]) for i in todo]
         results = self.client.complete_many(prompts, chat=self.endpoint == "chat", stats=stats)
         fresh = {}
