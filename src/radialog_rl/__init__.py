@@ -108,6 +108,10 @@ _EXPORTS: dict[str, str] = {
     "preprocess_chest_xray": "radialog_rl.data.images",
     "collect_image_paths": "radialog_rl.data.images",
     "make_synthetic_chest_xray": "radialog_rl.data.images",
+    # synthetic visual calibration task and its reference confidences
+    "build_synthetic_task": "radialog_rl.data.synthetic_task",
+    "oracle_confidences": "radialog_rl.calibration.baselines",
+    "best_constant_confidence": "radialog_rl.calibration.baselines",
     "PPOConfig": "radialog_rl.training.ppo.config",
     "load_ppo_config": "radialog_rl.training.ppo.config",
     "PPOTrainer": "radialog_rl.training.ppo.trainer",
@@ -118,6 +122,13 @@ _EXPORTS: dict[str, str] = {
     "SFTConfig": "radialog_rl.training.sft",
     "load_sft_config": "radialog_rl.training.sft",
     "run_sft": "radialog_rl.training.sft",
+    # confidence estimation from a model (verbalized, P(True), sequence probability, probe)
+    "estimate_confidence": "radialog_rl.confidence.estimate",
+    "EstimateConfig": "radialog_rl.confidence.estimate",
+    "train_probe": "radialog_rl.confidence.estimate",
+    "ConfidenceProbe": "radialog_rl.confidence.probe",
+    "ConfidenceResult": "radialog_rl.confidence.base",
+    "load_labelled_jsonl": "radialog_rl.confidence.samples",
     # tiny release for tests and demos
     "make_tiny_release": "radialog_rl.testing.tiny",
     "TinyRelease": "radialog_rl.testing.tiny",

@@ -155,6 +155,11 @@ class SFTConfig:
     Training
         train_projector: also train ``mm_projector`` (kept in fp32; saved beside the adapter as
             ``non_lora_trainables.safetensors``).
+        train_vision_tower: also train the whole BioViL-T tower (fp32), in train mode: its
+            BatchNorm layers then re-estimate their running statistics on this data, as fine-tuning
+            a CNN does (saved with the projector in ``non_lora_trainables.safetensors``, merged by
+            ``merge``). Needed when the tower's features do not separate the finding (the tiny
+            release's random tower gives nearly the same features for every image).
         gradient_checkpointing: trade compute for activation memory (non-reentrant).
         lora_r / lora_alpha / lora_dropout / lora_target_modules: a fresh adapter's shape
             (fresh_lora without adapter_path only; default RaDialog's r 128, alpha 256, dropout
@@ -185,6 +190,7 @@ class SFTConfig:
     overflow: str = "truncate"
     # training
     train_projector: bool = False
+    train_vision_tower: bool = False
     gradient_checkpointing: bool = False
     lora_r: int | None = None
     lora_alpha: int | None = None
@@ -197,6 +203,11 @@ class SFTConfig:
 
     def __post_init__(self) -> None:
         self.validate()
+
+    @property
+    def trains_non_lora(self) -> bool:
+        """Whether non-LoRA tensors (projector, vision tower) are trained and saved beside the adapter."""
+        return bool(self.train_projector or self.train_vision_tower)
 
     def validate(self) -> None:
         """Check values that do not need the model (raises :class:`ConfigError`)."""
@@ -467,10 +478,12 @@ def build_sft_model(config: SFTConfig):
             lora_config = radialog_lora_config(**{k: v for k, v in overrides.items() if v is not None})
         model = attach_lora(base, config.adapter_path, lora_config=lora_config)
         model.tokenizer = tokenizer
+    llava = model.get_base_model()
     if config.train_projector:
-        projector = model.get_base_model().model.mm_projector
-        projector.to(dtype=torch.float32)
-        projector.requires_grad_(True)
+        llava.model.mm_projector.to(dtype=torch.float32).requires_grad_(True)
+    if config.train_vision_tower:
+        llava.model.vision_tower.to(dtype=torch.float32).requires_grad_(True)
+    if config.trains_non_lora:
         trainable_parameter_report(model)
     return model
 
@@ -544,10 +557,15 @@ def _collator(tokenizer, model_config):
 
 def projector_state_dict(model) -> dict[str, torch.Tensor]:
     """The projector's tensors under RaDialog's ``non_lora_trainables`` keys
-    (``base_model.model.model.mm_projector.*``)."""
+    (``base_model.model.model.mm_projector.*``), and the whole vision tower's
+    (``base_model.model.model.vision_tower.*``, BatchNorm statistics included) when it is trained."""
     llava = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return {f"base_model.model.model.mm_projector.{k}": v
-            for k, v in llava.model.mm_projector.state_dict().items()}
+    state = {f"base_model.model.model.mm_projector.{k}": v
+             for k, v in llava.model.mm_projector.state_dict().items()}
+    tower = llava.model.vision_tower
+    if any(p.requires_grad for p in tower.parameters()):
+        state.update({f"base_model.model.model.vision_tower.{k}": v for k, v in tower.state_dict().items()})
+    return state
 
 
 def save_projector(model, directory: str | os.PathLike) -> Path:
@@ -567,7 +585,7 @@ def load_projector(model, directory: str | os.PathLike) -> None:
 
     path = Path(directory) / NON_LORA_TRAINABLES_FILE
     if not path.is_file():
-        raise CheckpointError(f"{directory} has no {NON_LORA_TRAINABLES_FILE}, but train_projector is on: "
+        raise CheckpointError(f"{directory} has no {NON_LORA_TRAINABLES_FILE}, but train_projector or train_vision_tower is on: "
                               "was this checkpoint written by a run that trained the projector?")
     llava = model.get_base_model() if hasattr(model, "get_base_model") else model
     load_non_lora_trainables(llava, path)
@@ -734,7 +752,7 @@ def run_sft(
                 f", {len(eval_dataset)} evaluation rows" if eval_dataset else "", output_dir)
 
     all_callbacks = list(callbacks or [])
-    if config.train_projector:
+    if config.trains_non_lora:
         all_callbacks.append(_projector_callback())
         if resume is not None:
             load_projector(model, resume)  # the Trainer restores only the adapter
@@ -748,14 +766,14 @@ def run_sft(
         callbacks=all_callbacks or None,
     )
     sharded = trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled
-    if config.train_projector and sharded:
+    if config.trains_non_lora and sharded:
         # Our projector file is written from the live parameters, which ZeRO-3 / FSDP partition.
-        raise ConfigError("train_projector is not supported with DeepSpeed or FSDP; train it under DDP "
-                          "(torchrun / accelerate launch --multi_gpu) or leave it frozen")
+        raise ConfigError("train_projector / train_vision_tower are not supported with DeepSpeed or FSDP; "
+                          "train them under DDP (torchrun / accelerate launch --multi_gpu) or leave them frozen")
     _route_logs_to_logging(trainer)
     trainer.train(resume_from_checkpoint=resume)
     best = trainer.state.best_model_checkpoint
-    if config.train_projector and args.load_best_model_at_end and best:
+    if config.trains_non_lora and args.load_best_model_at_end and best:
         load_projector(model, best)  # the Trainer reloaded the best adapter, not the projector
 
     adapter_dir = output_dir / ADAPTER_SUBDIR
@@ -763,7 +781,7 @@ def run_sft(
         # Partitioned parameters: the Trainer gathers them (every process must take part).
         trainer.save_model(str(adapter_dir))
     elif trainer.is_world_process_zero():
-        save_sft_adapter(model, adapter_dir, with_projector=config.train_projector)
+        save_sft_adapter(model, adapter_dir, with_projector=config.trains_non_lora)
     if trainer.is_world_process_zero():
         trainer.save_state()
         (output_dir / "sft_config.json").write_text(json.dumps(config.to_dict(), indent=2, default=str))

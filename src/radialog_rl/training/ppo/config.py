@@ -34,7 +34,9 @@ class PPOConfig:
         precision: "16bit", "8bit" or "4bit"; dtype: compute dtype ("bf16", "fp16", "fp32").
         device: "cpu" forces the CPU; otherwise each process uses the GPU its launcher assigns
             (one per process; pick GPUs with ``CUDA_VISIBLE_DEVICES``).
-        lora_r / lora_alpha: size of a fresh adapter (fresh_lora only; default RaDialog's 128/256).
+        lora_r / lora_alpha / lora_dropout / lora_target_modules: shape of a fresh adapter
+            (fresh_lora without adapter_path only; default RaDialog's r 128, alpha 256, dropout
+            0.05 on the seven LLaMA projections; "lm_head" may be added to the targets).
     Data
         train_file: JSONL with ``image`` (path, relative to the file), ``prompt`` (the user
             message; ``<image>`` is prepended when absent) and any label fields the reward reads.
@@ -62,6 +64,10 @@ class PPOConfig:
     gradient_checkpointing: bool = False
     lora_r: int | None = None
     lora_alpha: int | None = None
+    lora_dropout: float | None = None
+    # Modules a fresh adapter wraps (default RaDialog's seven LLaMA projections); add "lm_head"
+    # when the output layer must learn too (the tiny release's lm_head is random and frozen).
+    lora_target_modules: list[str] | None = None
     # data
     train_file: str | None = None
     chat_template: bool = True
@@ -78,6 +84,9 @@ class PPOConfig:
     gradient_accumulation_steps: int = 3
     forward_batch_size: int | None = None  # no-grad passes; default mini_batch_size
     ppo_epochs: int = 1
+    # Samples drawn per prompt: batch_size // samples_per_prompt prompts, each sampled K times
+    # (needed by advantage_estimator "rloo").
+    samples_per_prompt: int = 1
     # optimisation
     learning_rate: float = 1e-5
     adam_betas: tuple[float, float] = (0.9, 0.999)
@@ -94,6 +103,16 @@ class PPOConfig:
     gamma: float = 1.0
     lam: float = 0.95
     whiten_advantages: bool = True
+    # "gae": value head + GAE (legacy TRL / the published run). "rloo": per-prompt leave-one-out
+    # baseline over samples_per_prompt samples (no value head in the loss; see losses.rloo_advantages).
+    advantage_estimator: str = "gae"
+    # "reward": -beta*KL in the per-token rewards (legacy TRL). "loss": beta*KL as a loss term over
+    # the whole sampled response, so that answer and EOS tokens stay anchored when the policy loss
+    # only covers the confidence span (losses.kl_loss).
+    kl_penalty: str = "reward"
+    # What a sample with no confidence span is optimised on: "response" (the whole response, with
+    # the format penalty as its score) or "skip" (nothing). Counted in env/span_fallback_fraction.
+    span_fallback: str = "response"
     init_kl_coef: float = 0.05
     adaptive_kl: bool = True
     kl_target: float = 6.0
@@ -109,6 +128,21 @@ class PPOConfig:
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
+    # held-out evaluation (greedy decoding on eval_file every eval_every steps and at the end)
+    eval_file: str | None = None
+    eval_every: int = 0  # 0: only at the end (when eval_file is set)
+    eval_batch_size: int = 16
+    eval_max_new_tokens: int | None = None  # default max_new_tokens
+    eval_group_by: list[str] = field(default_factory=list)  # row fields: mean confidence per group
+    # Keep output_dir/best (adapter + value head + eval table) by this eval metric, e.g.
+    # "auroc", "ece", "brier", "accuracy"; best_mode "auto" minimises ece/brier/sigma_cbnd/d_nckl/
+    # parse_failure_rate and maximises everything else.
+    best_metric: str | None = None
+    best_mode: str = "auto"
+    # At the end, write output_dir/final (adapter, value head, eval table); export_merged also
+    # writes output_dir/final/merged (the adapter merged into the 16-bit base).
+    export_final: bool = True
+    export_merged: bool = False
     # run
     seed: int = 0
     output_dir: str = "runs/ppo"
@@ -126,6 +160,11 @@ class PPOConfig:
     def validate(self) -> None:
         if self.entry_point not in ENTRY_POINTS:
             raise ConfigError(f"entry_point must be one of {ENTRY_POINTS}, got {self.entry_point!r}")
+        shaping = [k for k in ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
+                   if getattr(self, k) is not None]
+        if shaping and (self.entry_point != "fresh_lora" or self.adapter_path):
+            raise ConfigError(f"{', '.join(shaping)} shape a new adapter (entry_point 'fresh_lora' without "
+                              "adapter_path); the radialog_lora entry point uses the released adapter's shape")
         if self.entry_point == "fresh_lora" and not self.llava_model_path:
             raise ConfigError("entry_point 'fresh_lora' needs llava_model_path (a merged SFT directory)")
         if self.batch_size % self.mini_batch_size:
@@ -138,6 +177,16 @@ class PPOConfig:
                 raise ConfigError(f"{name} must be at least 1")
         if self.temperature <= 0:
             raise ConfigError("temperature must be > 0 (PPO samples from the policy)")
+        if self.batch_size % self.samples_per_prompt:
+            raise ConfigError(f"batch_size ({self.batch_size}) must be a multiple of samples_per_prompt "
+                              f"({self.samples_per_prompt})")
+        choices = {"advantage_estimator": ("gae", "rloo"), "kl_penalty": ("reward", "loss"),
+                   "span_fallback": ("response", "skip"), "best_mode": ("auto", "min", "max")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.advantage_estimator == "rloo" and self.samples_per_prompt < 2:
+            raise ConfigError("advantage_estimator 'rloo' needs samples_per_prompt >= 2")
         if self.accuracy_scorer is not None:
             from radialog_rl.scoring import SCORERS
 
@@ -160,7 +209,7 @@ class PPOConfig:
         data = dict(data)
         if base_dir is not None:
             for key in ("model_path", "model_base", "llava_model_path", "adapter_path", "value_head_path",
-                        "train_file", "output_dir", "resume_from"):
+                        "train_file", "eval_file", "output_dir", "resume_from"):
                 data[key] = resolve_config_path(data.get(key), base_dir, always=key == "output_dir")
             if isinstance(data.get("scorer"), dict) and data["scorer"].get("cache"):
                 data["scorer"] = {**data["scorer"], "cache": resolve_config_path(data["scorer"]["cache"], base_dir, always=True)}

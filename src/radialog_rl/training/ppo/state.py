@@ -156,3 +156,27 @@ def load_checkpoint(trainer, path: Path) -> None:
         random.setstate(ast.literal_eval(pn["python"]))
         np.random.set_state((pn["numpy"][0], np.array(pn["numpy"][1], dtype=np.uint32), *pn["numpy"][2:]))
     logger.info("resumed from %s at step %d", path, trainer.step_count)
+
+
+def save_policy_files(model, directory: Path, eval_metrics: dict | None = None) -> Path:
+    """Write a trained policy: ``adapter/`` (PEFT), ``value_head.safetensors`` and ``eval.json``.
+
+    Written to a temporary sibling and renamed into place; a previous export at ``directory``
+    (ours: ``best/`` or ``final/``) is replaced only after the new one is complete.
+    """
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = directory.parent / f".tmp-{directory.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    model.pretrained_model.save_pretrained(str(tmp / "adapter"), selected_adapters=["default"],
+                                           save_embedding_layers=False)
+    _save_value_head(model, tmp)
+    (tmp / "eval.json").write_text(json.dumps(eval_metrics, indent=2, default=str))
+    old = directory.parent / f".old-{directory.name}"
+    if directory.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(directory, old)
+    os.replace(tmp, directory)
+    shutil.rmtree(old, ignore_errors=True)
+    return directory
