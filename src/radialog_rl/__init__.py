@@ -129,7 +129,14 @@ _EXPORTS: dict[str, str] = {
     "ConfidenceProbe": "radialog_rl.confidence.probe",
     "ConfidenceResult": "radialog_rl.confidence.base",
     "load_labelled_jsonl": "radialog_rl.confidence.samples",
-    # tiny release for tests and demos
+    # MIMIC-CXR-JPG dataset builders
+    "build_binary_qa": "radialog_rl.data.mimic",
+    "build_report_generation": "radialog_rl.data.mimic",
+    "build_master_table": "radialog_rl.data.mimic",
+    "write_master_table": "radialog_rl.data.mimic",
+    "MimicError": "radialog_rl.data.mimic",
+    # tiny release and synthetic data for tests and demos
+    "make_synthetic_mimic": "radialog_rl.testing.mimic",
     "make_tiny_release": "radialog_rl.testing.tiny",
     "TinyRelease": "radialog_rl.testing.tiny",
 }
