@@ -98,6 +98,11 @@ _EXPORTS: dict[str, str] = {
     "qa_sft_target": "radialog_rl.calibration.prompts",
     "report_sft_target": "radialog_rl.calibration.prompts",
     "read_predictions": "radialog_rl.calibration.io",
+    # report accuracy scorers (GREEN over an OpenAI-compatible server, unigram F1)
+    "build_scorer": "radialog_rl.scoring",
+    "GreenScorer": "radialog_rl.scoring.green",
+    "UnigramF1Scorer": "radialog_rl.scoring.lexical",
+    "ReportScorer": "radialog_rl.scoring.base",
     "load_chest_xray": "radialog_rl.data.images",
     "load_chest_xrays": "radialog_rl.data.images",
     "preprocess_chest_xray": "radialog_rl.data.images",

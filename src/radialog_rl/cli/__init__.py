@@ -15,7 +15,7 @@ import os
 import sys
 
 #: Subcommand modules, in the order ``--help`` lists them.
-SUBCOMMANDS = ("demo", "make_tiny", "generate", "merge", "sft", "ppo", "evaluate", "confidence", "data")
+SUBCOMMANDS = ("demo", "make_tiny", "generate", "merge", "sft", "ppo", "evaluate", "confidence", "data", "score")
 
 logger = logging.getLogger("radialog_rl")
 

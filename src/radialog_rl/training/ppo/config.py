@@ -45,6 +45,10 @@ class PPOConfig:
     Reward
         reward: a built-in name (``binary_qa_loglik``, ``report_loglik``, ``quadratic_blend``) or
             ``module:function``; reward_params: its keyword arguments.
+        accuracy_scorer: "green" or "unigram_f1" (:mod:`radialog_rl.scoring`): scores each report
+            against the row's reference report and gives the reward its accuracy; scorer: that
+            scorer's options (green: server_url, model, api_key_env, timeout, retries,
+            max_concurrency, max_failure_fraction, cache, reference_key, ...).
     """
 
     # model
@@ -72,6 +76,8 @@ class PPOConfig:
     # reward
     reward: str = "binary_qa_loglik"
     reward_params: dict[str, Any] = field(default_factory=dict)
+    accuracy_scorer: str | None = None
+    scorer: dict[str, Any] = field(default_factory=dict)
     # batch sizes (per process)
     batch_size: int = 12
     mini_batch_size: int = 4
@@ -181,6 +187,11 @@ class PPOConfig:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if self.advantage_estimator == "rloo" and self.samples_per_prompt < 2:
             raise ConfigError("advantage_estimator 'rloo' needs samples_per_prompt >= 2")
+        if self.accuracy_scorer is not None:
+            from radialog_rl.scoring import SCORERS
+
+            if self.accuracy_scorer not in SCORERS:
+                raise ConfigError(f"accuracy_scorer must be one of {sorted(SCORERS)}, got {self.accuracy_scorer!r}")
         if self.kl_estimator not in ("k1", "abs", "mse", "k3"):
             raise ConfigError(f"kl_estimator must be k1, abs, mse or k3, got {self.kl_estimator!r}")
 
@@ -200,6 +211,8 @@ class PPOConfig:
             for key in ("model_path", "model_base", "llava_model_path", "adapter_path", "value_head_path",
                         "train_file", "eval_file", "output_dir", "resume_from"):
                 data[key] = resolve_config_path(data.get(key), base_dir, always=key == "output_dir")
+            if isinstance(data.get("scorer"), dict) and data["scorer"].get("cache"):
+                data["scorer"] = {**data["scorer"], "cache": resolve_config_path(data["scorer"]["cache"], base_dir, always=True)}
         return cls(**data)
 
 

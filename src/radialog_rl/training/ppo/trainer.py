@@ -168,6 +168,10 @@ class PPOTrainer:
                 # Exploration draws follow the run's seed (one stream per process) and are resumed
                 # with the checkpoint's reward_rng state.
                 params["seed"] = config.seed + self.accelerator.process_index
+            if config.accuracy_scorer:
+                from radialog_rl.scoring import build_scorer
+
+                params["accuracy_scorer"] = build_scorer(config.accuracy_scorer, **config.scorer)
             reward_fn = load_reward(config.reward, **params)
         self.reward_fn = reward_fn
         if rows is None:
@@ -565,6 +569,9 @@ class PPOTrainer:
             "ppo/learning_rate": self.scheduler.get_last_lr()[0],
         }
         metrics.update(self._calibration_metrics(batch.reward_output))
+        from radialog_rl.scoring.base import scorer_metrics
+
+        metrics.update(scorer_metrics(self.reward_fn))  # scorer/failures etc. of this step's batch
         return metrics
 
     def _calibration_metrics(self, output) -> dict[str, float]:
