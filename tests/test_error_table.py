@@ -535,8 +535,8 @@ def test_ppo_overwrite_removes_only_the_runs_files(tmp_path, tiny_release, ppo_r
     (run / "checkpoint-000009").mkdir()  # a later step of the old run: must not survive
     (run / "my-notes.md").write_text("precious")
     assert main(["-q", "ppo", "--config", str(ctx.ppo_yaml(steps=1)), "--overwrite"]) == 0
-    assert sorted(p.name for p in run.iterdir()) == [".radialog-rl.lock", "checkpoint-000001", "metrics.jsonl",
-                                                     "my-notes.md"]
+    assert sorted(p.name for p in run.iterdir()) == [".radialog-rl.lock", "checkpoint-000001", "final",
+                                                     "metrics.jsonl", "my-notes.md"]
     assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1]
 
 

@@ -98,11 +98,20 @@ _EXPORTS: dict[str, str] = {
     "qa_sft_target": "radialog_rl.calibration.prompts",
     "report_sft_target": "radialog_rl.calibration.prompts",
     "read_predictions": "radialog_rl.calibration.io",
+    # report accuracy scorers (GREEN over an OpenAI-compatible server, unigram F1)
+    "build_scorer": "radialog_rl.scoring",
+    "GreenScorer": "radialog_rl.scoring.green",
+    "UnigramF1Scorer": "radialog_rl.scoring.lexical",
+    "ReportScorer": "radialog_rl.scoring.base",
     "load_chest_xray": "radialog_rl.data.images",
     "load_chest_xrays": "radialog_rl.data.images",
     "preprocess_chest_xray": "radialog_rl.data.images",
     "collect_image_paths": "radialog_rl.data.images",
     "make_synthetic_chest_xray": "radialog_rl.data.images",
+    # synthetic visual calibration task and its reference confidences
+    "build_synthetic_task": "radialog_rl.data.synthetic_task",
+    "oracle_confidences": "radialog_rl.calibration.baselines",
+    "best_constant_confidence": "radialog_rl.calibration.baselines",
     "PPOConfig": "radialog_rl.training.ppo.config",
     "load_ppo_config": "radialog_rl.training.ppo.config",
     "PPOTrainer": "radialog_rl.training.ppo.trainer",
@@ -113,7 +122,21 @@ _EXPORTS: dict[str, str] = {
     "SFTConfig": "radialog_rl.training.sft",
     "load_sft_config": "radialog_rl.training.sft",
     "run_sft": "radialog_rl.training.sft",
-    # tiny release for tests and demos
+    # confidence estimation from a model (verbalized, P(True), sequence probability, probe)
+    "estimate_confidence": "radialog_rl.confidence.estimate",
+    "EstimateConfig": "radialog_rl.confidence.estimate",
+    "train_probe": "radialog_rl.confidence.estimate",
+    "ConfidenceProbe": "radialog_rl.confidence.probe",
+    "ConfidenceResult": "radialog_rl.confidence.base",
+    "load_labelled_jsonl": "radialog_rl.confidence.samples",
+    # MIMIC-CXR-JPG dataset builders
+    "build_binary_qa": "radialog_rl.data.mimic",
+    "build_report_generation": "radialog_rl.data.mimic",
+    "build_master_table": "radialog_rl.data.mimic",
+    "write_master_table": "radialog_rl.data.mimic",
+    "MimicError": "radialog_rl.data.mimic",
+    # tiny release and synthetic data for tests and demos
+    "make_synthetic_mimic": "radialog_rl.testing.mimic",
     "make_tiny_release": "radialog_rl.testing.tiny",
     "TinyRelease": "radialog_rl.testing.tiny",
 }

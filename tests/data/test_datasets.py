@@ -181,6 +181,30 @@ def test_assistant_but_confidence_value(tok):
     assert labels == [IGN] * (len(ids) - len(reply)) + expected_tail
 
 
+@pytest.mark.parametrize("reply", ["yes Confidence: 7", "yes {'confidence': '7'}", 'yes "confidence": 7'])
+def test_every_statement_the_reward_parses_has_its_digits_masked(tok, reply):
+    """One pattern owns the confidence statement: what the reward reads is what SFT masks."""
+    from radialog_rl.calibration.parsing import parse_confidence
+
+    assert parse_confidence(reply) == 7
+    turns = [("user", "<image>\nhi"), ("assistant", reply)]
+    ids, labels = tokenize_conversation(turns, tok, label_policy="assistant_but_confidence_value")
+    seven = tok.convert_tokens_to_ids("7")
+    assert seven in ids and labels[len(ids) - 1 - ids[::-1].index(seven)] == IGN
+    assert sum(label == IGN for label in labels[-6:]) == 1  # only the digit among the reply's tail
+
+
+def test_shipped_format_recipes_supervise_the_digit_position():
+    """``*_but_confidence_value`` leaves the digit without gradient (no digits on a fresh model):
+    the shipped format-SFT configs must use ``assistant`` with random targets instead."""
+    import yaml
+
+    configs = Path(__file__).resolve().parents[2] / "configs"
+    for name in ("sft_radialog.yaml", "calibration_sft.yaml"):
+        policy = yaml.safe_load((configs / name).read_text())["label_policy"]
+        assert policy == "assistant", name
+
+
 def test_confidence_in_user_turn_is_not_masked(tok):
     # Only the model's stated value (assistant replies) is masked; a prompt example stays text.
     turns = [("user", '<image>\nreply like {"confidence": 5}'), ("assistant", "yes")]

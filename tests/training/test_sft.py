@@ -276,6 +276,31 @@ def test_train_projector_saves_it_in_checkpoints_and_adapter_and_merges_it(tiny_
         torch.testing.assert_close(merged[key], value, rtol=0, atol=0)
 
 
+def test_train_vision_tower_trains_weights_and_batchnorm_statistics_and_merges_them(tiny_release, sft_data,
+                                                                                    tmp_path):
+    from safetensors.torch import load_file
+
+    config = make_config(tiny_release, sft_data, tmp_path / "run", train_vision_tower=True, merge=True,
+                         merge_dtype="fp32", trainer=dict(max_steps=2, per_device_train_batch_size=2,
+                                                          learning_rate=1e-2))
+    adapter = run_sft(config)
+    trained = load_file(adapter / NON_LORA_TRAINABLES_FILE)
+    released = torch.load(tiny_release.model_path / "non_lora_trainables.bin", weights_only=True)
+    tower = {k: v for k, v in trained.items() if k.startswith("base_model.model.model.vision_tower.")}
+    assert tower and any(k.startswith("base_model.model.model.mm_projector.") for k in trained)
+    weight = "base_model.model.model.vision_tower.encoder.encoder.conv1.weight"
+    stats = "base_model.model.model.vision_tower.encoder.encoder.bn1.running_mean"
+    assert not torch.allclose(trained[weight], released[weight].float()), "the tower's weights did not train"
+    assert not torch.allclose(trained[stats], released[stats].float()), "BatchNorm statistics were not updated"
+    # The merged directory carries the trained tower; the baseline loader reads it back whole.
+    from radialog_rl import load_baseline_llava_model_with_vision_modules
+
+    merged = load_baseline_llava_model_with_vision_modules(tmp_path / "run" / "merged", tmp_path / "run" / "merged",
+                                                           device="cpu", dtype=torch.float32)
+    torch.testing.assert_close(merged.model.vision_tower.state_dict()["encoder.encoder.bn1.running_mean"],
+                               trained[stats], rtol=0, atol=0)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -48,6 +48,7 @@ __all__ = [
     "get_reward",
     "load_reward",
     "quadratic_blend_reward",
+    "row_accuracy",
 ]
 
 logger = logging.getLogger(__name__)
@@ -248,7 +249,7 @@ def _truth(value: Any, index: int, key: str) -> bool:
     raise DataError(f"sample {index}: {key!r} must be yes/no, true/false or 0/1, got {value!r}")
 
 
-def _row_accuracy(sample: Mapping[str, Any], response: str, index: int) -> tuple[float | None, bool]:
+def row_accuracy(sample: Mapping[str, Any], response: str, index: int = 0) -> tuple[float | None, bool]:
     """``(accuracy, answer_unparsable)`` of one response from its dataset row.
 
     ``accuracy`` (a number in [0, 1]; None = not scored) and ``correct`` are used as given;
@@ -335,7 +336,7 @@ class CalibrationReward:
 
     Per sample: the confidence is parsed from the response (after the optional exploration
     rewrite); the correctness/accuracy comes from ``accuracy_scorer`` when given (called with the
-    responses stripped of their confidence statement), else from the row (see ``_row_accuracy``).
+    responses stripped of their confidence statement), else from the row (see :func:`row_accuracy`).
     A missing confidence, or an unparsable yes/no answer for binary rows, gets the reward's penalty;
     a present confidence with an unknown accuracy (scorer/row gave None) is skipped (score None).
     """
@@ -391,7 +392,7 @@ class CalibrationReward:
         """Raise :class:`DataError` when a dataset row lacks ground truth this reward can read
         (checked for every row before training; with an ``accuracy_scorer`` the scorer decides)."""
         if self.accuracy_scorer is None:
-            _row_accuracy(sample, "", 0)
+            row_accuracy(sample, "", 0)
 
     def _confidences(self, responses: Sequence[str]) -> tuple[list[str], list[int | None]]:
         if self.explore_prob > 0.0:
@@ -406,7 +407,7 @@ class CalibrationReward:
             stripped = [strip_confidence(t) for t in texts]
             values = _scored_accuracies(self.accuracy_scorer, samples, stripped)
             return values, [False] * len(values)
-        pairs = [_row_accuracy(s, t, i) for i, (s, t) in enumerate(zip(samples, texts))]
+        pairs = [row_accuracy(s, t, i) for i, (s, t) in enumerate(zip(samples, texts))]
         return [a for a, _ in pairs], [u for _, u in pairs]
 
     def _score(

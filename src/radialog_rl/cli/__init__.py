@@ -16,7 +16,7 @@ import sys
 import warnings
 
 #: Subcommand modules, in the order ``--help`` lists them.
-SUBCOMMANDS = ("demo", "make_tiny", "generate", "merge", "sft", "ppo", "evaluate")
+SUBCOMMANDS = ("demo", "make_tiny", "generate", "merge", "sft", "ppo", "evaluate", "confidence", "data", "score")
 
 logger = logging.getLogger("radialog_rl")
 

@@ -11,7 +11,9 @@ The YAML's top-level keys are radialog_rl.training.ppo.PPOConfig fields: model l
 (entry_point radialog_lora | fresh_lora, model_path, model_base, llava_model_path, precision),
 data (train_file: JSONL of {"image", "prompt", <labels>}), reward (a built-in name such as
 binary_qa_loglik, report_loglik, quadratic_blend, or module:function) and hyperparameters
-(defaults = the published RaDialog calibration run). Metrics go to OUTPUT_DIR/metrics.jsonl and
+(defaults = the published RaDialog calibration run). Report rewards can take their accuracy from
+accuracy_scorer: green (a GREEN server; options under scorer:) or unigram_f1, see
+configs/ppo_radialog_reports_green.yaml. Metrics go to OUTPUT_DIR/metrics.jsonl and
 TensorBoard; checkpoints to OUTPUT_DIR/checkpoint-NNNNNN.
 
 Any key can be overridden on the command line as key=value (dotted for nested keys, values read as

@@ -34,7 +34,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +42,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from radialog_rl.calibration.parsing import CONFIDENCE_PATTERN
 from radialog_rl.constants import DEFAULT_IMAGE_TOKEN, IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from radialog_rl.data.images import DEFAULT_CROP, DEFAULT_RESIZE, load_chest_xray
 from radialog_rl.data.prompts import EOS_TEXT, SYSTEM_PROMPT, render_conversation, report_prompt
@@ -65,10 +65,21 @@ logger = logging.getLogger(__name__)
 #: * ``assistant``: only the assistant replies, each with the space that follows ``ASSISTANT:`` and
 #:   its closing ``</s>`` (what the model generates after a ``... ASSISTANT:`` prompt).
 #: * ``all``: every text token except the leading BOS (nothing predicts it: it is never a target).
-#: * ``all_but_confidence_value``: as ``all``, but the tokens carrying the digits ``N`` of each
-#:   ``{"confidence": N}`` in an assistant reply are -100 (format-only SFT with random confidence
-#:   targets: learn the format, not the value). Braces, key and colon stay supervised.
+#: * ``all_but_confidence_value``: as ``all``, but the tokens carrying the number ``N`` of each
+#:   confidence statement in an assistant reply (every form the reward parses:
+#:   ``{"confidence": N}``, ``Confidence: N``, ...; one pattern,
+#:   :data:`radialog_rl.calibration.parsing.CONFIDENCE_PATTERN`) are -100. Braces, key and colon
+#:   stay supervised.
 #: * ``assistant_but_confidence_value``: as ``assistant``, with the same digits masked.
+#:
+#: What the ``*_but_confidence_value`` policies are for, and what not: they leave the digit
+#: position with no gradient at all, so the model keeps whatever it predicted there before SFT.
+#: That suits a model that already writes numbers after ``"confidence":`` (and whose value
+#: distribution should not be touched); on a model that never saw the format (the tiny release, a
+#: fresh base) it produces no digits, every confidence fails to parse and PPO sees only the format
+#: penalty. To teach the format from scratch use ``assistant`` with uniform random confidence
+#: targets (Rewarding Doubt's recipe, ``configs/calibration_sft.yaml``): the digit position is
+#: supervised towards the uniform distribution over values, which is what PPO should start from.
 LABEL_POLICIES: tuple[str, ...] = (
     "assistant",
     "all",
@@ -82,15 +93,6 @@ _USER_ROLES = ("human", "user")
 _ASSISTANT_ROLES = ("gpt", "assistant")
 #: How many bad rows a load error lists before "... and N more".
 _MAX_LISTED_ERRORS = 5
-
-#: The digits of a ``{"confidence": N}`` statement (group ``value``; "7", "10", "7.5"). A local,
-#: deliberately small pattern: ``calibration.parsing.find_confidence_span`` gives the span of the
-#: whole statement, but masking needs the span of the number alone.
-_CONFIDENCE_VALUE = re.compile(
-    r"\{\s*[\"']?confidence[\"']?\s*:\s*[\"']?(?P<value>\d+(?:\.\d+)?)[\"']?\s*\}",
-    re.IGNORECASE,
-)
-
 
 @dataclass(frozen=True)
 class SFTExample:
@@ -384,7 +386,7 @@ def tokenize_conversation(
         digits = [
             (m.start("value"), m.end("value"))
             for _, text_start, end in spans
-            for m in _CONFIDENCE_VALUE.finditer(text, text_start, end)
+            for m in CONFIDENCE_PATTERN.finditer(text, text_start, end)
         ]
         supervised = [sup and not overlaps(s, e, digits) for sup, (s, e) in zip(supervised, offsets)]
     labels = [i if sup else IGNORE_INDEX for i, sup in zip(ids, supervised)]

@@ -22,7 +22,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from radialog_rl.errors import ConfigError
 from radialog_rl.loading.precision import PRECISIONS, parse_dtype
@@ -152,7 +152,8 @@ def format_validation_error(exc: ValidationError, prefix: str = "") -> str:
             msg = msg[:1].lower() + msg[1:]
         got = error.get("input")
         shown = "" if error["type"] == "missing" or isinstance(got, Mapping) else f" (got {got!r})"
-        parts.append(f"{loc} {msg}{shown}" if error["type"] == "literal_error" else f"{loc}: {msg}{shown}")
+        # "key must be one of ..." reads as a sentence; other messages follow "key: ".
+        parts.append(f"{loc} {msg}{shown}" if msg.startswith("must ") else f"{loc}: {msg}{shown}")
     return "; ".join(parts)
 
 
@@ -238,6 +239,21 @@ class LoraSection(ConfigModel):
     """Rank of a fresh adapter (fresh_lora only; default RaDialog's 128)."""
     lora_alpha: Annotated[int, Field(ge=1)] | None = None
     """LoRA alpha of a fresh adapter (default 2 x lora_r, RaDialog's 256)."""
+    lora_dropout: Annotated[float, Field(ge=0, lt=1)] | None = None
+    """Dropout of a fresh adapter (default RaDialog's 0.05)."""
+    lora_target_modules: list[str] | None = None
+    """Modules a fresh adapter wraps (default RaDialog's seven LLaMA projections; add "lm_head" when
+    the output layer must learn too)."""
+
+    @model_validator(mode="after")
+    def _shape_only_a_new_adapter(self):
+        shaping = [k for k in LoraSection.model_fields if getattr(self, k) is not None]
+        if shaping and (getattr(self, "entry_point", None) != "fresh_lora" or getattr(self, "adapter_path", None)):
+            raise ConfigError(
+                f"{', '.join(shaping)} shape a new adapter (entry_point 'fresh_lora' without adapter_path); "
+                "a loaded adapter (the release's, or adapter_path) keeps the shape in its adapter_config.json"
+            )
+        return self
 
 
 class RunSection(ConfigModel):

@@ -209,10 +209,12 @@ def build_sft_model(config: SFTConfig):
             lora_config = radialog_lora_config(**{k: v for k, v in overrides.items() if v is not None})
         model = attach_lora(base, config.adapter_path, lora_config=lora_config)
         model.tokenizer = tokenizer
+    llava = model.get_base_model()
     if config.train_projector:
-        projector = model.get_base_model().model.mm_projector
-        projector.to(dtype=torch.float32)
-        projector.requires_grad_(True)
+        llava.model.mm_projector.to(dtype=torch.float32).requires_grad_(True)
+    if config.train_vision_tower:
+        llava.model.vision_tower.to(dtype=torch.float32).requires_grad_(True)
+    if config.trains_non_lora:
         trainable_parameter_report(model)
     return model
 
@@ -289,10 +291,15 @@ def _collator(tokenizer, model_config):
 
 def projector_state_dict(model) -> dict[str, torch.Tensor]:
     """The projector's tensors under RaDialog's ``non_lora_trainables`` keys
-    (``base_model.model.model.mm_projector.*``)."""
+    (``base_model.model.model.mm_projector.*``), and the whole vision tower's
+    (``base_model.model.model.vision_tower.*``, BatchNorm statistics included) when it is trained."""
     llava = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return {f"base_model.model.model.mm_projector.{k}": v
-            for k, v in llava.model.mm_projector.state_dict().items()}
+    state = {f"base_model.model.model.mm_projector.{k}": v
+             for k, v in llava.model.mm_projector.state_dict().items()}
+    tower = llava.model.vision_tower
+    if any(p.requires_grad for p in tower.parameters()):
+        state.update({f"base_model.model.model.vision_tower.{k}": v for k, v in tower.state_dict().items()})
+    return state
 
 
 def save_projector(model, directory: str | os.PathLike) -> Path:
@@ -311,7 +318,7 @@ def load_projector(model, directory: str | os.PathLike) -> None:
 
     path = Path(directory) / NON_LORA_TRAINABLES_FILE
     if not path.is_file():
-        raise CheckpointError(f"{directory} has no {NON_LORA_TRAINABLES_FILE}, but train_projector is on: "
+        raise CheckpointError(f"{directory} has no {NON_LORA_TRAINABLES_FILE}, but train_projector or train_vision_tower is on: "
                               "was this checkpoint written by a run that trained the projector?")
     llava = model.get_base_model() if hasattr(model, "get_base_model") else model
     load_non_lora_trainables(llava, path)
@@ -496,7 +503,7 @@ def _train_and_save(config: SFTConfig, args, resume: str | None, examples, callb
                 f", {len(eval_dataset)} evaluation rows" if eval_dataset else "", output_dir)
 
     all_callbacks = list(callbacks or [])
-    if config.train_projector:
+    if config.trains_non_lora:
         all_callbacks.append(_projector_callback())
         if resume is not None:
             load_projector(model, resume)  # the Trainer restores only the adapter
@@ -510,14 +517,14 @@ def _train_and_save(config: SFTConfig, args, resume: str | None, examples, callb
         callbacks=all_callbacks or None,
     )
     sharded = trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled
-    if config.train_projector and sharded:
+    if config.trains_non_lora and sharded:
         # Our projector file is written from the live parameters, which ZeRO-3 / FSDP partition.
-        raise ConfigError("train_projector is not supported with DeepSpeed or FSDP; train it under DDP "
-                          "(torchrun / accelerate launch --multi_gpu) or leave it frozen")
+        raise ConfigError("train_projector / train_vision_tower are not supported with DeepSpeed or FSDP; "
+                          "train them under DDP (torchrun / accelerate launch --multi_gpu) or leave them frozen")
     _route_logs_to_logging(trainer)
     trainer.train(resume_from_checkpoint=resume)
     best = trainer.state.best_model_checkpoint
-    if config.train_projector and args.load_best_model_at_end and best:
+    if config.trains_non_lora and args.load_best_model_at_end and best:
         load_projector(model, best)  # the Trainer reloaded the best adapter, not the projector
 
     adapter_dir = output_dir / ADAPTER_SUBDIR
@@ -525,7 +532,7 @@ def _train_and_save(config: SFTConfig, args, resume: str | None, examples, callb
         # Partitioned parameters: the Trainer gathers them (every process must take part).
         trainer.save_model(str(adapter_dir))
     elif trainer.is_world_process_zero():
-        save_sft_adapter(model, adapter_dir, with_projector=config.train_projector)
+        save_sft_adapter(model, adapter_dir, with_projector=config.trains_non_lora)
     if trainer.is_world_process_zero():
         trainer.save_state()
         (output_dir / "sft_config.json").write_text(json.dumps(config.to_dict(), indent=2, default=str))

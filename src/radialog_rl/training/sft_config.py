@@ -140,10 +140,12 @@ class SFTConfig(RunSection, LoraSection, ModelSection):  # fields: model, LoRA, 
     train_projector: bool = False
     """Also train mm_projector (kept in fp32; saved beside the adapter as
     non_lora_trainables.safetensors)."""
-    lora_dropout: Annotated[float, Field(ge=0, lt=1)] | None = None
-    """Dropout of a fresh adapter (default RaDialog's 0.05)."""
-    lora_target_modules: list[str] | None = None
-    """Modules a fresh adapter wraps (default the seven LLaMA projections)."""
+    train_vision_tower: bool = False
+    """Also train the whole BioViL-T tower (fp32), in train mode: its BatchNorm layers then
+    re-estimate their running statistics on this data (saved with the projector in
+    non_lora_trainables.safetensors, merged by merge). Needed when the tower's features do not
+    separate the finding (the tiny release's random tower gives nearly the same features for every
+    image)."""
     trainer: dict[str, Any] = Field(default_factory=dict)
     """transformers.TrainingArguments fields (output_dir is required); unset fields take
     TRAINER_DEFAULTS, report_to defaults to tensorboard when installed; remove_unused_columns must
@@ -154,6 +156,11 @@ class SFTConfig(RunSection, LoraSection, ModelSection):  # fields: model, LoRA, 
     self-contained model to <output_dir>/merged."""
     merge_dtype: str = "bf16"
     """Dtype of the merged weights."""
+
+    @property
+    def trains_non_lora(self) -> bool:
+        """Whether non-LoRA tensors (projector, vision tower) are trained and saved beside the adapter."""
+        return bool(self.train_projector or self.train_vision_tower)
 
     @field_validator("merge_dtype")
     @classmethod
@@ -182,13 +189,6 @@ class SFTConfig(RunSection, LoraSection, ModelSection):  # fields: model, LoRA, 
 
     @model_validator(mode="after")
     def _consistent(self) -> SFTConfig:
-        lora = [k for k in ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
-                if getattr(self, k) is not None]
-        if lora and (self.entry_point != "fresh_lora" or self.adapter_path):
-            raise ConfigError(
-                f"{', '.join(lora)} shape a new adapter (entry_point 'fresh_lora' without adapter_path); "
-                "a loaded adapter keeps the shape in its adapter_config.json"
-            )
         if self.device_map is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise ConfigError("device_map splits one model over GPUs in one process; it cannot be used "
                               "with several processes (torchrun / accelerate launch)")

@@ -10,9 +10,10 @@ from __future__ import annotations
 import os
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from radialog_rl.errors import ConfigError
+from radialog_rl.training.config_files import resolve_config_path
 from radialog_rl.training.config_schema import (
     ENTRY_POINTS,
     ConfigModel,
@@ -64,6 +65,12 @@ class PPOConfig(RunSection, LoraSection, ModelSection):  # fields: model, LoRA, 
     (importable from the working directory or the config's folder)."""
     reward_params: dict[str, Any] = Field(default_factory=dict)
     """Keyword arguments of the reward."""
+    accuracy_scorer: str | None = None
+    """"green" or "unigram_f1" (radialog_rl.scoring): scores each report against the row's reference
+    report and gives the reward its accuracy."""
+    scorer: dict[str, Any] = Field(default_factory=dict)
+    """The accuracy scorer's options (green: server_url, model, api_key_env, timeout, retries,
+    max_concurrency, max_failure_fraction, cache, reference_key, ...)."""
     # batch sizes (per process)
     batch_size: PositiveInt = 12
     """Rollout samples per PPO step and process."""
@@ -71,8 +78,13 @@ class PPOConfig(RunSection, LoraSection, ModelSection):  # fields: model, LoRA, 
     """Samples per forward/backward pass; batch_size must be a multiple of it."""
     gradient_accumulation_steps: PositiveInt = 3
     """Minibatches per optimizer step."""
+    forward_batch_size: PositiveInt | None = None
+    """Rows per no-grad pass (default mini_batch_size)."""
     ppo_epochs: PositiveInt = 1
     """Passes over the batch per PPO step."""
+    samples_per_prompt: PositiveInt = 1
+    """Samples drawn per prompt: batch_size // samples_per_prompt prompts, each sampled K times
+    (advantage_estimator rloo needs K >= 2)."""
     # optimisation
     learning_rate: Positive = 1e-5
     """AdamW learning rate."""
@@ -103,6 +115,15 @@ class PPOConfig(RunSection, LoraSection, ModelSection):  # fields: model, LoRA, 
     """GAE lambda."""
     whiten_advantages: bool = True
     """Whiten advantages over the batch."""
+    advantage_estimator: Literal["gae", "rloo"] = "gae"
+    """"gae": value head + GAE (legacy TRL / the published run); "rloo": per-prompt leave-one-out
+    baseline over samples_per_prompt samples (no value head in the loss)."""
+    kl_penalty: Literal["reward", "loss"] = "reward"
+    """"reward": -beta*KL in the per-token rewards (legacy TRL); "loss": beta*KL as a loss term over the
+    whole sampled response (answer and EOS stay anchored when the policy loss covers only a span)."""
+    span_fallback: Literal["response", "skip"] = "response"
+    """What a sample without a confidence span is optimised on: the whole "response" (with the format
+    penalty as its score) or nothing ("skip"); counted in env/span_fallback_fraction."""
     init_kl_coef: NonNegative = 0.05
     """Initial KL coefficient beta."""
     adaptive_kl: bool = True
@@ -132,6 +153,26 @@ class PPOConfig(RunSection, LoraSection, ModelSection):  # fields: model, LoRA, 
     """Top-k sampling (0: off)."""
     top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
     """Nucleus sampling (1: off)."""
+    # held-out evaluation
+    eval_file: FilePath = None
+    """JSONL like train_file, evaluated with greedy decoding every eval_every steps and at the end."""
+    eval_every: Annotated[int, Field(ge=0)] = 0
+    """Evaluate every this many steps (0: only at the end, when eval_file is set)."""
+    eval_batch_size: PositiveInt = 16
+    """Rows per evaluation batch."""
+    eval_max_new_tokens: PositiveInt | None = None
+    """Longest evaluation response (default max_new_tokens)."""
+    eval_group_by: list[str] = Field(default_factory=list)
+    """Row fields to report the mean confidence per group of."""
+    best_metric: str | None = None
+    """Keep output_dir/best (adapter + value head + eval table) by this eval metric, e.g. auroc, ece,
+    brier, accuracy."""
+    best_mode: Literal["auto", "min", "max"] = "auto"
+    """"auto" minimises ece/brier/sigma_cbnd/d_nckl/parse_failure_rate and maximises the others."""
+    export_final: bool = True
+    """At the end, write output_dir/final (adapter, value head, eval table)."""
+    export_merged: bool = False
+    """Also write output_dir/final/merged (the adapter merged into the 16-bit base)."""
     # run
     seed: int = 0
     """Seed (each process adds its rank)."""
@@ -148,15 +189,36 @@ class PPOConfig(RunSection, LoraSection, ModelSection):  # fields: model, LoRA, 
     tensorboard: bool = True
     """Also log to TensorBoard (when installed)."""
 
+    @field_validator("accuracy_scorer")
+    @classmethod
+    def _known_scorer(cls, value: str | None) -> str | None:
+        if value is not None:
+            from radialog_rl.scoring import SCORERS
+
+            if value not in SCORERS:
+                raise ValueError(f"must be one of {sorted(SCORERS)}")
+        return value
+
     @model_validator(mode="after")
     def _consistent(self) -> PPOConfig:
         if self.entry_point == "fresh_lora" and not self.llava_model_path:
             raise ConfigError("entry_point 'fresh_lora' needs llava_model_path (a merged SFT directory)")
-        if self.batch_size % self.mini_batch_size:
-            raise ConfigError(
-                f"batch_size ({self.batch_size}) must be a multiple of mini_batch_size ({self.mini_batch_size})"
-            )
+        for divisor in ("mini_batch_size", "samples_per_prompt"):
+            if self.batch_size % getattr(self, divisor):
+                raise ConfigError(f"batch_size ({self.batch_size}) must be a multiple of {divisor} "
+                                  f"({getattr(self, divisor)})")
+        if self.advantage_estimator == "rloo" and self.samples_per_prompt < 2:
+            raise ConfigError("advantage_estimator 'rloo' needs samples_per_prompt >= 2")
         return self
+
+    @classmethod
+    def resolve_paths(cls, data, base_dir):
+        """As :meth:`ConfigModel.resolve_paths`, plus ``scorer.cache`` (always resolved)."""
+        out = super().resolve_paths(data, base_dir)
+        scorer = out.get("scorer")
+        if isinstance(scorer, dict) and isinstance(scorer.get("cache"), str) and scorer["cache"]:
+            out["scorer"] = {**scorer, "cache": resolve_config_path(scorer["cache"], base_dir, always=True)}
+        return out
 
     def validate(self) -> None:
         """Check the current values again (after attributes were changed in place)."""

@@ -279,20 +279,25 @@ def compute_token_rewards(
     mask: torch.Tensor,
     beta: float | torch.Tensor,
     kl_kind: str = "k1",
+    score_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-token PPO rewards: a KL penalty on every response token plus the score on the last one.
 
     ``reward_t = -beta * kl_t`` on response tokens, and the row's task score is added on the last
     position where ``mask`` is 1 (Ziegler et al. 2019; Huang et al. detail; legacy TRL
-    ``compute_rewards``).
+    ``compute_rewards``). With ``score_mask`` (the optimised span, a subset of ``mask``) the score
+    goes on the last position of ``score_mask`` instead, while the KL still covers all of ``mask``:
+    a reward on the confidence statement, and every sampled token anchored to the reference.
 
     Args:
         scores: ``[B]`` task scores (after any normalisation, clipping or no-EOS penalty).
         logprobs, ref_logprobs: ``[B, T]`` sampled-token log-probs under the rollout policy and the
             reference model.
-        mask: ``[B, T]`` response mask (left- or right-aligned).
+        mask: ``[B, T]`` response mask (left- or right-aligned): where the KL is charged.
         beta: KL coefficient (e.g. ``AdaptiveKLController.value``).
         kl_kind: see :func:`per_token_kl`.
+        score_mask: ``[B, T]`` where the score's position is taken from (default ``mask``); a row
+            whose ``score_mask`` is empty gets no score.
 
     Returns:
         ``(rewards, non_score_rewards, kl)``, each ``[B, T]`` with 0 at masked-out positions;
@@ -303,7 +308,7 @@ def compute_token_rewards(
     zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
     kl = torch.where(m, per_token_kl(logprobs.detach(), ref_logprobs.detach(), kl_kind), zero)
     non_score = -beta * kl
-    last = last_token_mask(m)
+    last = last_token_mask(m if score_mask is None else score_mask)
     rewards = non_score + torch.where(last, scores.detach().to(kl.dtype)[:, None], zero)
     return rewards, non_score, kl
 
@@ -493,3 +498,71 @@ def has_eos(response_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
     For the optional penalty on responses that never terminate (Huang et al. detail).
     """
     return (response_ids == eos_token_id).any(dim=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Group baselines and the KL term of the loss
+# ---------------------------------------------------------------------------------------------
+
+
+def rloo_advantages(scores: torch.Tensor, group_size: int, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """REINFORCE-leave-one-out advantages: each sample's score minus the mean of the *other*
+    valid samples drawn for the same prompt (Kool et al. 2019, "Buy 4 REINFORCE samples, get a
+    baseline for free"; Ahmadian et al. 2024, "Back to basics", RLOO).
+
+    The baseline is per prompt, so what is rewarded is doing better *than this prompt's other
+    samples*: for a calibration reward, stating a higher confidence than usual on an image where
+    the answer is right, a lower one where it is wrong. A learned value head must first learn the
+    per-image expected score to give the same signal.
+
+    Args:
+        scores: ``[B]`` sequence scores, ``B = n_prompts * group_size``, grouped contiguously
+            (rows ``g*K .. g*K+K-1`` share a prompt).
+        group_size: ``K >= 2`` samples per prompt.
+        valid: ``[B]`` bool; invalid (skipped) samples neither get an advantage (0) nor enter
+            another sample's baseline. A valid sample with no valid sibling gets 0.
+
+    Returns:
+        ``[B]`` float32 advantages.
+    """
+    if group_size < 2:
+        raise ValueError(f"rloo_advantages needs group_size >= 2, got {group_size}")
+    if scores.dim() != 1 or scores.numel() % group_size:
+        raise ValueError(f"scores must be [n_prompts * {group_size}], got {tuple(scores.shape)}")
+    valid = torch.ones_like(scores, dtype=torch.bool) if valid is None else valid.bool()
+    s = torch.where(valid, scores.float(), torch.zeros((), device=scores.device)).view(-1, group_size)
+    v = valid.view(-1, group_size).float()
+    others = v.sum(1, keepdim=True) - v  # valid siblings of each sample
+    baseline = (s.sum(1, keepdim=True) - s) / others.clamp(min=1)
+    adv = torch.where((v > 0) & (others > 0), s - baseline, torch.zeros_like(s))
+    return adv.view(-1)
+
+
+def kl_loss(
+    logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor, kind: str = "k3"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The KL to the reference as a differentiable loss term over ``mask`` (GRPO style: Shao et al.
+    2024, "DeepSeekMath"; the KL enters the loss instead of the per-token rewards).
+
+    Used when the policy loss is restricted to a span (the confidence statement) but every sampled
+    token, answer and EOS included, must stay anchored to the reference: the reward-side penalty
+    would only reach the tokens the policy loss covers.
+
+    Args:
+        logprobs: ``[B, T]`` current policy log-probs of the sampled tokens (with grad).
+        ref_logprobs: ``[B, T]`` reference log-probs (constants).
+        mask: ``[B, T]`` the tokens to anchor (the whole response through EOS, less off-policy
+            tokens).
+        kind: an estimator of :func:`per_token_kl`; ``"k3"`` (default) is >= 0 with the gradient of
+            the reverse KL for on-policy samples.
+
+    Returns:
+        ``(loss, mean_kl)``: 0-dim tensors, the masked mean; ``mean_kl`` is detached. An empty mask
+        gives a zero loss that keeps the graph.
+    """
+    kl = per_token_kl(logprobs, ref_logprobs.detach(), kind)
+    if not mask.bool().any():
+        zero = (logprobs * 0.0).sum()
+        return zero, zero.detach()
+    loss = masked_mean(kl, mask)
+    return loss, loss.detach()

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from radialog_rl.atomic_dir import commit_dir, staging_dir
+from radialog_rl.atomic_dir import atomic_dir, commit_dir, staging_dir
 from radialog_rl.errors import CheckpointError, RadialogError
 from radialog_rl.training.run_dir import list_checkpoints, resolve_checkpoint
 
@@ -34,7 +34,8 @@ logger = logging.getLogger(__name__)
 #: Prefix of a checkpoint being written.
 TMP_PREFIX = ".tmp-"
 #: What a PPO run writes into its output directory (what ``--overwrite`` may remove).
-RUN_FILES = ("checkpoint-*", f"{TMP_PREFIX}checkpoint-*", "metrics.jsonl", "tensorboard")
+RUN_FILES = ("checkpoint-*", f"{TMP_PREFIX}checkpoint-*", "metrics.jsonl", "tensorboard", "best", "final",
+             ".best.tmp-*", ".final.tmp-*")
 #: Files every checkpoint holds (``rng_state_<rank>.pt`` is optional: older checkpoints lack it).
 _REQUIRED = ("trainer_state.json", "optimizer.pt", "scheduler.pt", "value_head.safetensors",
              "adapter/adapter_config.json")
@@ -189,3 +190,17 @@ def _restore(trainer, path: Path, state: dict) -> None:
 
         random.setstate(ast.literal_eval(pn["python"]))
         np.random.set_state((pn["numpy"][0], np.array(pn["numpy"][1], dtype=np.uint32), *pn["numpy"][2:]))
+
+
+def save_policy_files(model, directory: Path, eval_metrics: dict | None = None) -> Path:
+    """Write a trained policy: ``adapter/`` (PEFT), ``value_head.safetensors`` and ``eval.json``.
+
+    Written to a hidden sibling and renamed into place (:mod:`radialog_rl.atomic_dir`); a previous
+    export at ``directory`` (ours: ``best/`` or ``final/``) is replaced only once the new one is complete.
+    """
+    with atomic_dir(directory, replace=True) as tmp:
+        model.pretrained_model.save_pretrained(str(tmp / "adapter"), selected_adapters=["default"],
+                                               save_embedding_layers=False)
+        _save_value_head(model, tmp)
+        (tmp / "eval.json").write_text(json.dumps(eval_metrics, indent=2, default=str))
+    return Path(directory)

@@ -66,8 +66,11 @@ class Rollout:
 
     ``input_ids``/``attention_mask`` ``[B, Tq + Tr]`` hold the image-expanded, left-padded query
     followed by the right-padded response; ``response_ids`` ``[B, Tr]``; ``mask`` ``[B, Tr]`` the
-    tokens that are optimised (response through EOS, restricted to the reward's span, zero for
-    skipped samples); ``image_features`` ``[B, N_img, hidden]``.
+    tokens the policy loss optimises (the reward's span when it gives one, else the response
+    through EOS; zero for skipped samples); ``kl_mask`` ``[B, Tr]`` the tokens anchored to the
+    reference (the whole response through EOS, less exploration-rewritten tokens; zero for skipped
+    samples); ``image_features`` ``[B, N_img, hidden]``. With ``samples_per_prompt = K`` the rows
+    come in contiguous groups of K samples of one prompt.
     """
 
     rows: list[PromptRow]
@@ -75,6 +78,7 @@ class Rollout:
     attention_mask: torch.Tensor
     response_ids: torch.Tensor
     mask: torch.Tensor
+    kl_mask: torch.Tensor
     image_features: torch.Tensor
     scores: torch.Tensor
     raw_scores: torch.Tensor
@@ -82,7 +86,8 @@ class Rollout:
     texts: list[str]
     has_eos: torch.Tensor
     reward_output: object = None
-    generation_logprobs: torch.Tensor | None = None  # the sampler's own, when recorded (tests)
+    rewritten: torch.Tensor | None = None  # [B] bool: exploration rewrote the confidence
+    span_fallbacks: int = 0  # valid samples without a span (see PPOConfig.span_fallback)
 
     @property
     def query_length(self) -> int:
@@ -104,15 +109,21 @@ def build_ppo_model(config: PPOConfig, device: str | torch.device | None = None)
             model_base=config.model_base, value_head_path=config.value_head_path, dtype=config.dtype,
             gradient_checkpointing=config.gradient_checkpointing,
         )
-    lora = None
-    if config.lora_r or config.lora_alpha:
-        r = config.lora_r or 128
-        lora = radialog_lora_config(r=r, lora_alpha=config.lora_alpha or 2 * r)
+    overrides = {"r": config.lora_r, "lora_alpha": config.lora_alpha, "lora_dropout": config.lora_dropout,
+                 "target_modules": config.lora_target_modules}
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if "r" in overrides and "lora_alpha" not in overrides:
+        overrides["lora_alpha"] = 2 * overrides["r"]  # RaDialog's alpha / r ratio
+    lora = radialog_lora_config(**overrides) if overrides else None
     return load_pretrained_llava_model_for_ppo_training_with_fresh_lora_adapters(
         config.llava_model_path, device, config.precision, config.adapter_path,
         value_head_path=config.value_head_path, dtype=config.dtype, lora_config=lora,
         gradient_checkpointing=config.gradient_checkpointing,
     )
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def disable_dropout(model: torch.nn.Module) -> int:
@@ -159,7 +170,18 @@ class PPOTrainer:
         self.output_dir = Path(config.output_dir)
         self._resume_path = self._check_output_dir()
         if reward_fn is None:
-            reward_fn = load_config_reward(config.reward, config.reward_params, config.config_dir)
+            from radialog_rl.calibration.rewards import BUILTIN_REWARDS
+
+            params = dict(config.reward_params)
+            if config.reward in BUILTIN_REWARDS and "seed" not in params and "rng" not in params:
+                # Exploration draws follow the run's seed (one stream per process) and are resumed
+                # with the checkpoint's reward_rng state.
+                params["seed"] = config.seed + self.accelerator.process_index
+            if config.accuracy_scorer:
+                from radialog_rl.scoring import build_scorer
+
+                params["accuracy_scorer"] = build_scorer(config.accuracy_scorer, **config.scorer)
+            reward_fn = load_config_reward(config.reward, params, config.config_dir)
         self.reward_fn = reward_fn
         if rows is None:
             if not config.train_file:
@@ -167,6 +189,10 @@ class PPOTrainer:
             rows = load_prompt_jsonl(config.train_file)
             check_rows(rows, reward_fn, what=f"PPO train_file {config.train_file}")
         self.rows = rows
+        self.eval_rows = load_prompt_jsonl(config.eval_file) if config.eval_file else []
+        if config.eval_file:
+            check_rows(self.eval_rows, reward_fn, what=f"PPO eval_file {config.eval_file}")
+        self.best_value: float | None = None
         if model is None:
             model = build_ppo_model(config, device=self.accelerator.device)
         if model.reference_mode is None:
@@ -194,7 +220,6 @@ class PPOTrainer:
         self.sampler = EpochSampler(len(rows), config.seed, self.accelerator.process_index,
                                     self.accelerator.num_processes)
         self.step_count = 0
-        self.record_generation_logprobs = False  # tests: keep the sampler's own log-probs
         self.vision_calls = 0
         self._writer = None
         self._overwrite_pending = config.overwrite and self._resume_path is None
@@ -247,62 +272,101 @@ class PPOTrainer:
 
     # -- 1-2: rollout and score -------------------------------------------------------------------
     @torch.no_grad()
-    def rollout(self) -> Rollout:
-        """Sample one batch of responses with images and score them."""
+    def _sample(self, rows: list[PromptRow], repeats: int = 1, do_sample: bool = True,
+                max_new_tokens: int | None = None):
+        """Generate for ``rows`` (each ``repeats`` times, contiguously) with images.
+
+        The image features are computed once per distinct row and repeated, so a group of
+        ``samples_per_prompt`` samples costs one vision-tower call. Returns ``(rows, query, features,
+        response [B, Tr], response_mask [B, Tr], texts)`` with ``B = len(rows) * repeats``.
+        """
         from radialog_rl.data.images import load_chest_xray
         from radialog_rl.data.prompts import build_prompt
         from radialog_rl.loading.tokenizer import batch_tokenize_image_prompts
         from radialog_rl.modeling.llava import expand_image_tokens
 
         cfg, device = self.config, self.accelerator.device
-        rows = [self.rows[i] for i in self.sampler.take(cfg.batch_size)]
         load = lambda p: load_chest_xray(p, resize=self.image_resize, crop=self.image_size)  # noqa: E731
         images = torch.stack([load(r.image) for r in rows]).to(device)
         priors = torch.stack([load(r.prior_image) for r in rows]).to(device) if rows[0].prior_image else None
+        llava = self.unwrapped.llava
+        features = llava.encode_images(images, priors)  # once per distinct prompt
+        rows = [r for r in rows for _ in range(repeats)]
+        features = features.repeat_interleave(repeats, dim=0)
         prompts = [user_message(r.prompt) for r in rows]
         prompts = [build_prompt(p) for p in prompts] if cfg.chat_template else prompts
         ids, mask = batch_tokenize_image_prompts(prompts, self.tokenizer, padding_side="left")
-        llava = self.unwrapped.llava
         query = expand_image_tokens(ids, llava.num_image_tokens, mask, pad_token_id=self.pad_token_id)
-        features = llava.encode_images(images, priors)  # once per rollout batch
         eos = self.tokenizer.eos_token_id
+        sampling = dict(do_sample=True, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p) \
+            if do_sample else dict(do_sample=False)
         generated = self.unwrapped.generate(
             input_ids=query.input_ids.to(device), attention_mask=query.attention_mask.to(device),
-            image_features=features, do_sample=True, temperature=cfg.temperature, top_k=cfg.top_k,
-            top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, pad_token_id=self.pad_token_id,
-            eos_token_id=eos, output_scores=self.record_generation_logprobs,
-            return_dict_in_generate=True,
+            image_features=features, max_new_tokens=max_new_tokens or cfg.max_new_tokens,
+            pad_token_id=self.pad_token_id, eos_token_id=eos, return_dict_in_generate=True, **sampling,
         )
         response = generated.sequences
-        gen_logprobs = None
-        if self.record_generation_logprobs:
-            scores = torch.stack(generated.scores, dim=1).float()  # after the temperature warper
-            gen_logprobs = torch.log_softmax(scores, -1).gather(-1, response.unsqueeze(-1)).squeeze(-1)
         response_mask = L.response_mask_from_eos(response, eos)
         texts = [self.tokenizer.decode(r[m.bool()].tolist(), skip_special_tokens=True)
                  for r, m in zip(response, response_mask)]
+        return rows, query, features, response, response_mask, texts
+
+    @torch.no_grad()
+    def rollout(self) -> Rollout:
+        """Sample one batch of responses with images and score them."""
+        cfg, device = self.config, self.accelerator.device
+        k = cfg.samples_per_prompt
+        prompts = [self.rows[i] for i in self.sampler.take(cfg.batch_size // k)]
+        rows, query, features, response, response_mask, texts = self._sample(prompts, repeats=k)
         output = self._call_reward(rows, texts)
+        rewritten = [False] * len(rows)
         if output.texts is not None and list(output.texts) != texts:
+            rewritten = [a != b for a, b in zip(texts, output.texts)]
             response, response_mask = self._retokenize_rewritten(response, response_mask, texts, output.texts)
             texts = list(output.texts)
-            gen_logprobs = None
         raw_scores, valid = check_scores(output.scores, rows)
-        eos_seen = L.has_eos(response, eos)
+        eos_seen = L.has_eos(response, self.tokenizer.eos_token_id)
         scores = self._process_scores(raw_scores.to(device), valid.to(device), eos_seen)
-        loss_mask = response_mask.clone()
-        for i, span in enumerate(output.spans or []):
-            if span is not None:
-                span_mask = span_token_mask(self.tokenizer, response[i].tolist(), span)
-                loss_mask[i] *= torch.tensor(span_mask, device=loss_mask.device, dtype=loss_mask.dtype)
-        loss_mask[~valid.to(loss_mask.device)] = 0
+        loss_mask, kl_mask, fallbacks = self._masks(response, response_mask, output.spans, rewritten, valid)
         return Rollout(
             rows=rows,
             input_ids=torch.cat([query.input_ids.to(device), response], 1),
             attention_mask=torch.cat([query.attention_mask.to(device), response_mask], 1),
-            response_ids=response, mask=loss_mask, image_features=features, scores=scores,
-            raw_scores=raw_scores, valid=valid, texts=texts, has_eos=eos_seen, reward_output=output,
-            generation_logprobs=gen_logprobs,
+            response_ids=response, mask=loss_mask, kl_mask=kl_mask, image_features=features,
+            scores=scores, raw_scores=raw_scores, valid=valid, texts=texts, has_eos=eos_seen,
+            reward_output=output, rewritten=torch.tensor(rewritten), span_fallbacks=fallbacks,
         )
+
+    def _masks(self, response, response_mask, spans, rewritten, valid):
+        """``(loss_mask, kl_mask, n_fallbacks)``, each mask ``[B, Tr]`` (see :class:`Rollout`).
+
+        The loss mask is the reward's span (the confidence statement) when it has one; a sample
+        without a span is optimised on its whole response or not at all (``span_fallback``), and
+        counted, so a parse failure never changes what is optimised unnoticed. The KL mask is the
+        whole sampled response through EOS, less the confidence tokens that exploration rewrote:
+        those were not sampled from the policy, their log-ratio to the reference says nothing about
+        drift (k3 explodes on them), so they carry no KL; their policy term uses the policy's own
+        log-prob of the rewritten token as the old log-prob (ratio 1 at the first epoch, no
+        importance correction), as Rewarding Doubt trains on them.
+        """
+        loss_mask, kl_mask, fallbacks = response_mask.clone(), response_mask.clone(), 0
+        for i in range(response.shape[0]):
+            span = spans[i] if spans is not None else None
+            if span is None:
+                if spans is not None and bool(valid[i]):
+                    fallbacks += 1
+                    if self.config.span_fallback == "skip":
+                        loss_mask[i] = 0
+                continue
+            span_mask = torch.tensor(span_token_mask(self.tokenizer, response[i].tolist(), span),
+                                     device=loss_mask.device, dtype=loss_mask.dtype)
+            loss_mask[i] *= span_mask
+            if rewritten[i]:
+                kl_mask[i] *= 1 - span_mask
+        invalid = ~valid.to(loss_mask.device)
+        loss_mask[invalid] = 0
+        kl_mask[invalid] = 0
+        return loss_mask, kl_mask, fallbacks
 
     def _call_reward(self, rows: list[PromptRow], texts: list[str]):
         """The reward's output; a reward that raises or returns non-numbers is named with the rows."""
@@ -389,6 +453,37 @@ class PPOTrainer:
                 out["ref"][idx] = self._forward(model, batch, idx)[0]
         return out
 
+    # -- 4: advantages ----------------------------------------------------------------------------
+    def advantages(self, batch: Rollout, passes: dict[str, torch.Tensor]):
+        """Per-token rewards, advantages and returns for one rollout.
+
+        Returns ``(advantages, returns, kl, non_score)``, each ``[B, Tr]``. ``kl`` (for logging and
+        the KL controller) is charged over ``batch.kl_mask``; with ``kl_penalty: reward`` it also
+        enters the rewards (``non_score = -beta * kl``), else it is a loss term (see ``_train``).
+        """
+        cfg = self.config
+        mask = batch.mask.to(passes["logprobs"].dtype)
+        kl_mask = batch.kl_mask.to(mask.dtype)
+        beta = self.kl_ctl.value if cfg.kl_penalty == "reward" else 0.0
+        rewards, non_score, kl = L.compute_token_rewards(batch.scores, passes["logprobs"], passes["ref"],
+                                                         kl_mask, beta, cfg.kl_estimator, score_mask=mask)
+        if cfg.kl_penalty == "loss":  # compute_token_rewards charged nothing with beta 0; log the KL
+            kl = torch.where(kl_mask.bool(), L.per_token_kl(passes["logprobs"], passes["ref"], cfg.kl_estimator),
+                             torch.zeros_like(kl))
+        if cfg.advantage_estimator == "rloo":
+            returns_seq = batch.scores + non_score.sum(1)
+            seq_adv = L.rloo_advantages(returns_seq, cfg.samples_per_prompt, batch.valid.to(returns_seq.device))
+            advantages = seq_adv[:, None] * mask
+            returns = torch.zeros_like(advantages)  # no value target: the value head is not trained
+        else:
+            # GAE runs over every charged or optimised token, so KL penalties after the span (EOS)
+            # reach the span's advantages; the policy loss then uses the span only.
+            gae_mask = ((mask > 0) | (kl_mask > 0)).to(mask.dtype)
+            advantages, returns = L.gae(rewards, passes["values"], gae_mask, cfg.gamma, cfg.lam)
+        if cfg.whiten_advantages and mask.sum() > 1:
+            advantages = L.masked_whiten(advantages, mask)
+        return advantages, returns, kl, non_score
+
     # -- one step -----------------------------------------------------------------------------------
     def step(self) -> dict[str, float]:
         """Run one PPO step (rollout, score, advantages, update). Returns the step's metrics."""
@@ -402,12 +497,8 @@ class PPOTrainer:
         epochs = self._minibatches(generator)
         t1 = time.perf_counter()
         passes = self.score_passes(batch, epochs[0])
+        advantages, returns, kl, non_score = self.advantages(batch, passes)
         mask = batch.mask.to(passes["logprobs"].dtype)
-        rewards, non_score, kl = L.compute_token_rewards(batch.scores, passes["logprobs"], passes["ref"],
-                                                         mask, self.kl_ctl.value, cfg.kl_estimator)
-        advantages, returns = L.gae(rewards, passes["values"], mask, cfg.gamma, cfg.lam)
-        if cfg.whiten_advantages and mask.sum() > 1:
-            advantages = L.masked_whiten(advantages, mask)
         timings["time/forward"] = time.perf_counter() - t1
 
         t2 = time.perf_counter()
@@ -418,12 +509,12 @@ class PPOTrainer:
             self.model.eval()  # generation and scoring run in eval mode (KV cache, no checkpointing)
         timings["time/train"] = time.perf_counter() - t2
 
-        # Skipped samples have no KL (their mask is 0): average over the scored rows only, and
-        # count only those as the controller's n_steps.
-        mean_kl, n_valid = self._valid_mean((kl * mask).sum(1), batch.valid.to(kl.device))
+        # The controller sees the mean KL of the samples that count: skipped samples carry none.
+        valid = batch.valid.to(kl.device)
+        n_valid = int(self.accelerator.gather(valid.sum().reshape(1)).sum())
+        mean_kl = self._global_sum((kl * batch.kl_mask).sum(1)[valid].sum()) / max(n_valid, 1)
         beta = self.kl_ctl.value
-        if n_valid:
-            self.kl_ctl.update(mean_kl, n_valid)
+        self.kl_ctl.update(mean_kl, max(n_valid, 1))
         self.step_count += 1
         timings["time/step"] = time.perf_counter() - t0
         metrics = self._metrics(batch, passes, mask, kl, non_score, returns, train_stats, mean_kl, beta)
@@ -435,9 +526,12 @@ class PPOTrainer:
 
     def _train(self, batch, epochs, passes, advantages, returns, mask) -> dict[str, list[float]]:
         cfg, acc = self.config, self.accelerator
-        stats: dict[str, list[float]] = {k: [] for k in ("policy_loss", "value_loss", "clipfrac", "vf_clipfrac",
-                                                          "approx_kl", "ratio", "first_ratio_max_dev")}
+        stats: dict[str, list[float]] = {k: [] for k in ("policy_loss", "value_loss", "kl_loss", "clipfrac",
+                                                          "vf_clipfrac", "approx_kl", "ratio",
+                                                          "first_ratio_max_dev")}
         groups = cfg.gradient_accumulation_steps
+        kl_mask = batch.kl_mask.to(mask.dtype)
+        use_value = cfg.advantage_estimator == "gae"
         for epoch, minibatches in enumerate(epochs):
             early_stop = False
             for start in range(0, len(minibatches), groups):
@@ -450,20 +544,29 @@ class PPOTrainer:
                         logprobs, values, _ = self._forward(self.model, batch, idx)
                         pg, clipfrac, approx_kl, ratio = L.policy_loss(
                             logprobs, passes["logprobs"][idx], advantages[idx], m, cfg.cliprange)
-                        vf, vf_clipfrac = L.value_loss(values, passes["values"][idx], returns[idx], m,
-                                                       cfg.cliprange_value)
+                        if use_value:
+                            vf, vf_clipfrac = L.value_loss(values, passes["values"][idx], returns[idx], m,
+                                                           cfg.cliprange_value)
+                        else:
+                            vf = vf_clipfrac = (values.sum() * 0.0)  # keep the value head in the graph (DDP)
                         loss = pg + cfg.vf_coef * vf
-                        if not m.any():  # only skipped samples here: no signal, but keep the graph
-                            loss = (logprobs.sum() + values.sum()) * 0.0  # (DDP needs every rank's backward)
-                            pg = vf = clipfrac = vf_clipfrac = approx_kl = ratio = loss.detach()
+                        klv = torch.zeros((), device=logprobs.device)
+                        if cfg.kl_penalty == "loss":
+                            kl_term, klv = L.kl_loss(logprobs, passes["ref"][idx], kl_mask[idx], cfg.kl_estimator)
+                            loss = loss + self.kl_ctl.value * kl_term
+                        if not m.any():  # no optimised token here: only the KL term (if any) counts
+                            pg = vf = clipfrac = vf_clipfrac = approx_kl = ratio = torch.zeros(())
+                            loss = (logprobs.sum() + values.sum()) * 0.0 + (
+                                self.kl_ctl.value * kl_term if cfg.kl_penalty == "loss" else 0.0)
                         if not self._deepspeed:  # DeepSpeed divides by its own accumulation count
                             loss = loss / len(group)
                         acc.backward(loss)
-                    if epoch == 0 and start == 0 and j == 0:
+                    if epoch == 0 and start == 0 and j == 0 and m.any():
                         dev = ((logprobs - passes["logprobs"][idx]).exp() - 1).abs() * m
                         stats["first_ratio_max_dev"].append(float(dev.detach().max()))
-                    for name, value in (("policy_loss", pg), ("value_loss", vf), ("clipfrac", clipfrac),
-                                        ("vf_clipfrac", vf_clipfrac), ("approx_kl", approx_kl), ("ratio", ratio)):
+                    for name, value in (("policy_loss", pg), ("value_loss", vf), ("kl_loss", klv),
+                                        ("clipfrac", clipfrac), ("vf_clipfrac", vf_clipfrac),
+                                        ("approx_kl", approx_kl), ("ratio", ratio)):
                         stats[name].append(float(value.detach()))
                     early_stop |= cfg.early_stopping and float(approx_kl) > 1.5 * cfg.target_kl
                 if cfg.max_grad_norm is not None:
@@ -476,15 +579,12 @@ class PPOTrainer:
                     return stats
         return stats
 
+    def _global_sum(self, x: torch.Tensor) -> float:
+        """Sum of a per-process scalar over all processes."""
+        return float(self.accelerator.gather(x.detach().float().reshape(1)).sum())
+
     def _global_mean(self, x: torch.Tensor) -> float:
         return float(self.accelerator.gather(x.detach().float()).mean())
-
-    def _valid_mean(self, x: torch.Tensor, valid: torch.Tensor) -> tuple[float, int]:
-        """Mean of ``x`` over the rows where ``valid``, across processes, and how many rows those are
-        (0.0 and 0 when no row is valid)."""
-        both = torch.stack([(x.detach().float() * valid).sum(), valid.float().sum()]).unsqueeze(0)
-        total, count = self.accelerator.gather(both).sum(0).tolist()
-        return (total / count if count else 0.0), int(count)
 
     def _any_process(self, flag: bool) -> bool:
         t = torch.tensor([float(flag)], device=self.accelerator.device)
@@ -499,13 +599,16 @@ class PPOTrainer:
             "objective/kl": mean_kl,
             "objective/kl_coef": beta,
             "objective/entropy": float(L.masked_mean(passes["entropy"], mask)) if mask.any() else float("nan"),
-            "objective/non_score_reward": self._global_mean((non_score * mask).sum(1)),
+            "objective/non_score_reward": self._global_mean(non_score.sum(1)),
+            "objective/kl_loss": mean(train_stats["kl_loss"]),
             "env/score_mean": self._global_mean(valid_scores) if len(valid_scores) else float("nan"),
             "env/score_std": float(valid_scores.std()) if len(valid_scores) > 1 else 0.0,
             "env/skipped_samples": int((~batch.valid).sum()),
             "env/no_eos_fraction": float((~batch.has_eos).float().mean()),
             "env/response_length": float(batch.attention_mask[:, batch.query_length:].sum(1).float().mean()),
             "env/optimised_tokens": float(mask.sum(1).mean()),
+            "env/span_fallback_fraction": batch.span_fallbacks / len(batch.rows),
+            "env/rewritten_fraction": float(batch.rewritten.float().mean()) if batch.rewritten is not None else 0.0,
             "ppo/loss/policy": mean(train_stats["policy_loss"]),
             "ppo/loss/value": mean(train_stats["value_loss"]),
             "ppo/policy/clipfrac": mean(train_stats["clipfrac"]),
@@ -518,6 +621,9 @@ class PPOTrainer:
             "ppo/learning_rate": self.scheduler.get_last_lr()[0],
         }
         metrics.update(self._calibration_metrics(batch.reward_output))
+        from radialog_rl.scoring.base import scorer_metrics
+
+        metrics.update(scorer_metrics(self.reward_fn))  # scorer/failures etc. of this step's batch
         return metrics
 
     def _calibration_metrics(self, output) -> dict[str, float]:
@@ -531,6 +637,84 @@ class PPOTrainer:
         report = compute_calibration(confidences, accuracies, scale=scale).to_dict()
         keys = ("ece", "sigma_cbnd", "d_nckl", "brier", "parse_failure_rate")
         return {f"calibration/{k}": report[k] for k in keys if report.get(k) is not None}
+
+    # -- held-out evaluation and export ---------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, rows: list[PromptRow] | None = None, write: bool = True) -> dict:
+        """Greedy answers on ``rows`` (default the ``eval_file`` rows) -> the calibration table.
+
+        Returns the metrics of :func:`~radialog_rl.training.ppo.evaluation.evaluation_table`; with
+        ``write``, the main process also writes ``output_dir/eval/step-NNNNNN.json`` (metrics and
+        every row's text, confidence and correctness).
+        """
+        from radialog_rl.training.ppo.evaluation import evaluation_table
+
+        cfg = self.config
+        rows = self.eval_rows if rows is None else rows
+        texts: list[str] = []
+        for start in range(0, len(rows), cfg.eval_batch_size):
+            chunk = rows[start : start + cfg.eval_batch_size]
+            texts += self._sample(chunk, do_sample=False, max_new_tokens=cfg.eval_max_new_tokens)[-1]
+        scale = getattr(self.reward_fn, "scale", 10)
+        metrics, per_row = evaluation_table([r.fields for r in rows], texts, scale, cfg.eval_group_by)
+        metrics["step"] = self.step_count
+        if write and self.accelerator.is_main_process:
+            out = self.output_dir / "eval"
+            out.mkdir(parents=True, exist_ok=True)
+            payload = json.dumps({"metrics": metrics, "rows": per_row}, indent=1)
+            (out / f"step-{self.step_count:06d}.json").write_text(payload)
+        return metrics
+
+    def export(self, directory: str | Path, eval_metrics: dict | None = None, merged: bool = False) -> Path:
+        """Write the policy adapter (PEFT directory ``adapter/``), ``value_head.safetensors`` and
+        ``eval.json`` to ``directory`` (main process; written beside it and renamed into place).
+        ``merged`` also writes ``merged/``: the saved adapter merged into a freshly loaded 16-bit
+        base (the trainer's own model is left as it is)."""
+        from radialog_rl.training.ppo.state import save_policy_files
+
+        directory = Path(directory)
+        if self.accelerator.is_main_process:
+            save_policy_files(self.unwrapped, directory, eval_metrics)
+            if merged:
+                self._export_merged(directory)
+        self.accelerator.wait_for_everyone()
+        return directory
+
+    def _export_merged(self, directory: Path) -> None:
+        """``directory/merged``: the saved adapter merged into a freshly loaded 16-bit base."""
+        from radialog_rl.loading.export import save_lora_merged_llava_model_to_local_dir
+
+        cfg = self.config
+        if cfg.entry_point == "fresh_lora":
+            paths = dict(model_path=cfg.llava_model_path, model_base=cfg.llava_model_path)
+        else:
+            paths = dict(model_path=cfg.model_path, model_base=cfg.model_base)
+        dtype = torch.float32 if cfg.dtype == "fp32" else torch.bfloat16
+        save_lora_merged_llava_model_to_local_dir(directory / "merged", directory / "adapter", dtype=dtype, **paths)
+
+    def _after_eval(self, metrics: dict) -> None:
+        cfg = self.config
+        if not cfg.best_metric:
+            return
+        from radialog_rl.training.ppo.evaluation import is_better
+
+        value = metrics.get(cfg.best_metric.removeprefix("eval/"))
+        if is_better(cfg.best_metric, value, self.best_value, cfg.best_mode):
+            self.best_value = value
+            self.export(self.output_dir / "best", metrics)
+            logger.info("new best %s = %.4f at step %d", cfg.best_metric, value, self.step_count)
+
+    def _log_eval(self, metrics: dict) -> None:
+        flat = {f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "step"}
+        for key, table in metrics.get("groups", {}).items():
+            for value, stats in table.items():
+                if stats["mean_confidence"] is not None:
+                    flat[f"eval/mean_confidence/{key}={value}"] = stats["mean_confidence"]
+        flat["step"] = self.step_count
+        self._log(flat)
+        logger.info("eval at step %d: accuracy %.3f, ECE %s, AUROC %s, parse failures %s", self.step_count,
+                    metrics["accuracy"], _fmt(metrics["ece"]), _fmt(metrics["auroc"]),
+                    _fmt(metrics["parse_failure_rate"]))
 
     # -- the loop -------------------------------------------------------------------------------------
     def train(self, steps: int | None = None) -> list[dict]:
@@ -557,9 +741,22 @@ class PPOTrainer:
             self._log(metrics)
             bar.update(1)
             bar.set_postfix(score=f"{metrics['env/score_mean']:.3f}", kl=f"{metrics['objective/kl']:.3f}")
-            if self.step_count % self.config.save_every == 0 or self.step_count == total:
+            cfg = self.config
+            if self.eval_rows and cfg.eval_every and self.step_count % cfg.eval_every == 0 \
+                    and self.step_count < total:
+                evaluation = self.evaluate()
+                self._log_eval(evaluation)
+                self._after_eval(evaluation)
+            if self.step_count % cfg.save_every == 0 or self.step_count == total:
                 save_checkpoint(self)
         bar.close()
+        final_eval = None
+        if self.eval_rows:
+            final_eval = self.evaluate()
+            self._log_eval(final_eval)
+            self._after_eval(final_eval)
+        if self.config.export_final:
+            self.export(self.output_dir / "final", final_eval, merged=self.config.export_merged)
         return history
 
     def _log(self, metrics: dict) -> None:

@@ -1,0 +1,1 @@
+"""Demos on the built-in tiny release (``radialog-rl demo ...``)."""

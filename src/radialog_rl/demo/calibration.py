@@ -1,0 +1,209 @@
+"""The calibration experiment on the synthetic visual task, end to end on the tiny release.
+
+``radialog-rl demo calibration`` runs: build the task (CXR-like images with a finding of graded
+visibility, :mod:`radialog_rl.data.synthetic_task`) -> SFT (answer + uniform random confidence: the
+format, not the number) -> merge -> PPO with a fresh LoRA and held-out greedy evaluation -> the
+table (SFT, PPO, the oracle and the best constant) and reliability diagrams before/after.
+
+The recipe is the YAML pair ``configs/calibration_sft.yaml`` / ``configs/calibration_ppo.yaml``; a
+preset only changes sizes (rows, steps) so that CI can run a short version.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from radialog_rl.calibration.baselines import best_constant_confidence, oracle_report
+from radialog_rl.data.synthetic_task import build_synthetic_task
+from radialog_rl.testing.tiny import make_tiny_release
+
+logger = logging.getLogger(__name__)
+
+CONFIG_DIR = Path(__file__).resolve().parents[3] / "configs"
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Sizes of one run of the experiment (everything else comes from the recipe configs)."""
+
+    n_train: int
+    n_eval: int
+    sft_epochs: float
+    ppo_steps: int
+    eval_every: int
+    findings: tuple[str, ...] = ("opacity", "effusion", "pneumothorax")
+
+
+PRESETS = {
+    "full": Preset(n_train=800, n_eval=400, sft_epochs=3, ppo_steps=300, eval_every=50),
+    "ci": Preset(n_train=192, n_eval=96, sft_epochs=3, ppo_steps=30, eval_every=15, findings=("opacity",)),
+}
+
+
+@dataclass
+class ExperimentResult:
+    """What :func:`run_calibration_experiment` measured.
+
+    rows: the table (SFT, PPO, oracle, best constant) with accuracy, ece, brier, auroc,
+        parse_failure_rate, mean_confidence; groups: per model, mean stated confidence (0..1) by
+        visibility group among positives; targets: each target of the issue and whether it holds;
+        seconds: wall time per phase; plots: the reliability diagrams written.
+    """
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    groups: dict[str, dict[str, float | None]] = field(default_factory=dict)
+    targets: list[tuple[str, str, bool]] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+    plots: list[Path] = field(default_factory=list)
+    work: Path | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"rows": self.rows, "groups": self.groups, "seconds": self.seconds,
+                "targets": [{"target": t, "measured": m, "met": ok} for t, m, ok in self.targets],
+                "plots": [str(p) for p in self.plots], "work": str(self.work)}
+
+
+def _recipe(name: str) -> dict[str, Any]:
+    return yaml.safe_load((CONFIG_DIR / name).read_text())
+
+
+def run_calibration_experiment(work: str | Path, preset: str | Preset = "full", seed: int = 0,
+                               device: str = "cpu") -> ExperimentResult:
+    """Run the whole experiment in ``work`` and return the table rows (see the module docstring)."""
+    from radialog_rl.training.ppo.config import PPOConfig
+    from radialog_rl.training.ppo.trainer import PPOTrainer
+    from radialog_rl.training.sft import SFTConfig, run_sft
+
+    p = PRESETS[preset] if isinstance(preset, str) else preset
+    work = Path(work)
+    result = ExperimentResult(work=work)
+    t = time.perf_counter()
+    release = make_tiny_release(work / "tiny")
+    task = build_synthetic_task(work / "task", n_train=p.n_train, n_eval=p.n_eval, findings=p.findings, seed=seed)
+    result.seconds["data"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    sft = _recipe("calibration_sft.yaml")
+    sft.update(model_path=str(release.model_path), model_base=str(release.model_base), device=device,
+               train_file=str(task.sft_train), eval_file=None)
+    sft["trainer"].update(output_dir=str(work / "sft"), num_train_epochs=p.sft_epochs, seed=seed)
+    run_sft(SFTConfig(**sft))
+    merged = work / "sft" / "merged"
+    result.seconds["sft"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    ppo = _recipe("calibration_ppo.yaml")
+    ppo.update(llava_model_path=str(merged), train_file=str(task.ppo_train), eval_file=str(task.ppo_eval),
+               output_dir=str(work / "ppo"), steps=p.ppo_steps, eval_every=p.eval_every, seed=seed,
+               device=device)
+    trainer = PPOTrainer(PPOConfig(**ppo))
+    before = trainer.evaluate()  # step 0: the fresh adapter is zero, so this is the SFT model
+    result.seconds["eval_sft"] = time.perf_counter() - t
+    t = time.perf_counter()
+    trainer.train()
+    after = json.loads((work / "ppo" / "final" / "eval.json").read_text())
+    result.seconds["ppo"] = time.perf_counter() - t
+    eval_dir = work / "ppo" / "eval"
+    result.rows = _table(eval_dir, before, after)
+    sft_rows, ppo_rows = _eval_rows(eval_dir, before["step"]), _eval_rows(eval_dir, after["step"])
+    result.groups = {"SFT": _positive_groups(sft_rows), "PPO": _positive_groups(ppo_rows)}
+    result.targets = check_targets(result.rows, result.groups["PPO"])
+    result.plots = _plots(work / "plots", sft_rows, ppo_rows)
+    (work / "summary.json").write_text(json.dumps(result.to_dict(), indent=2, default=str))
+    return result
+
+
+def _positive_groups(rows: list[dict[str, Any]]) -> dict[str, float | None]:
+    """Mean stated confidence (0..1) per visibility group among positive images."""
+    groups: dict[str, list[float]] = {}
+    for row in rows:
+        if row.get("visibility_group") in (None, "none"):
+            continue
+        groups.setdefault(row["visibility_group"], [])
+        if row["confidence"] is not None:
+            groups[row["visibility_group"]].append(row["confidence"] / 10)
+    return {g: (sum(v) / len(v) if v else None) for g, v in sorted(groups.items())}
+
+
+def check_targets(rows: list[dict[str, Any]], groups: dict[str, float | None]) -> list[tuple[str, str, bool]]:
+    """The issue's targets on the held-out set: ``(target, measured, met)`` per target."""
+    by = {r["model"].split(" ")[0]: r for r in rows}
+    sft, ppo, oracle, constant = by["SFT"], by["PPO"], by["oracle"], by["best"]
+    auroc = ppo["auroc"] or 0.0
+    oracle_auroc = oracle["auroc"] or 0.0
+    values = [groups[g] for g in sorted(groups, key=float)]
+    monotone = len(values) >= 4 and all(v is not None for v in values) and all(
+        b > a for a, b in zip(values, values[1:]))
+    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    return [
+        ("AUROC >= 0.75", fmt(ppo["auroc"]), auroc >= 0.75),
+        ("AUROC >= 0.9 x oracle", f"{fmt(ppo['auroc'])} vs {fmt(0.9 * oracle_auroc)}", auroc >= 0.9 * oracle_auroc),
+        ("Brier <= 0.85 x best constant", f"{fmt(ppo['brier'])} vs {fmt(0.85 * constant['brier'])}",
+         ppo["brier"] is not None and ppo["brier"] <= 0.85 * constant["brier"]),
+        ("ECE <= 0.06", fmt(ppo["ece"]), ppo["ece"] is not None and ppo["ece"] <= 0.06),
+        ("parse failures <= 2%", fmt(ppo["parse_failure_rate"]), (ppo["parse_failure_rate"] or 0.0) <= 0.02),
+        ("confidence rises with visibility (positives, >= 4 groups)",
+         " < ".join(fmt(v) for v in values), monotone),
+        ("accuracy >= SFT - 0.02", f"{fmt(ppo['accuracy'])} vs {fmt(sft['accuracy'])}",
+         ppo["accuracy"] >= sft["accuracy"] - 0.02),
+    ]
+
+
+def _plots(directory: Path, sft_rows: list[dict[str, Any]], ppo_rows: list[dict[str, Any]]) -> list[Path]:
+    """Reliability diagrams before (SFT) and after (PPO); skipped without matplotlib."""
+    from radialog_rl.calibration.plots import reliability_diagram
+    from radialog_rl.errors import RadialogError
+
+    written = []
+    for name, rows in (("sft", sft_rows), ("ppo", ppo_rows)):
+        try:
+            written.append(reliability_diagram([r["confidence"] for r in rows], [r["correct"] for r in rows],
+                                               directory / f"reliability_{name}.png",
+                                               title=f"{name.upper()} (held-out, greedy)"))
+        except RadialogError as exc:  # matplotlib missing: the table is still the result
+            logger.warning("no reliability diagrams: %s", exc)
+            break
+    return written
+
+
+def format_summary(result: ExperimentResult) -> str:
+    """The one-screen summary: the table, confidence by visibility, the targets."""
+    cols = ("accuracy", "ece", "brier", "auroc", "parse_failure_rate", "mean_confidence")
+    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    lines = ["| model | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    lines += ["| " + r["model"] + " | " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in result.rows]
+    groups = sorted({g for m in result.groups.values() for g in m}, key=float)
+    lines += ["", "mean stated confidence among positives, by visibility:",
+              "| model | " + " | ".join(groups) + " |", "|---|" + "---|" * len(groups)]
+    lines += ["| " + m + " | " + " | ".join(fmt(v.get(g)) for g in groups) + " |" for m, v in result.groups.items()]
+    lines += ["", "targets:"] + [f"  [{'x' if ok else ' '}] {t}: {m}" for t, m, ok in result.targets]
+    lines += ["", "seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in result.seconds.items())]
+    if result.plots:
+        lines.append("reliability diagrams: " + ", ".join(str(p) for p in result.plots))
+    return "\n".join(lines)
+
+
+def _eval_rows(eval_dir: Path, step: int) -> list[dict[str, Any]]:
+    return json.loads((eval_dir / f"step-{step:06d}.json").read_text())["rows"]
+
+
+def _table(eval_dir: Path, before: dict, after: dict) -> list[dict[str, Any]]:
+    """Rows: SFT, PPO, the oracle (SFT's accuracy per visibility group as confidence), best constant."""
+    sft_rows = _eval_rows(eval_dir, before["step"])
+    correct = [bool(r["correct"]) for r in sft_rows]
+    keys = ("accuracy", "ece", "brier", "auroc", "parse_failure_rate", "mean_confidence")
+    table = [{"model": name, **{k: m.get(k) for k in keys}} for name, m in (("SFT", before), ("PPO", after))]
+    oracle = oracle_report(sft_rows, correct).to_dict()
+    constant = best_constant_confidence(correct)
+    for name, report in (("oracle (SFT accuracy per group)", oracle),
+                         (f"best constant ({constant.confidence})", constant.report.to_dict())):
+        table.append({"model": name, "accuracy": before["accuracy"],
+                      **{k: report.get(k) for k in keys[1:]}, "parse_failure_rate": 0.0})
+    return table

@@ -1,0 +1,239 @@
+"""Issue-12 behaviours of the PPO trainer on the tiny release: the loss mask vs KL mask split,
+exploration tokens and KL, seeded exploration, RLOO groups, LoRA targets, the held-out eval loop,
+best-checkpoint direction and the final export."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from radialog_rl.calibration.rewards import RewardOutput, get_reward
+from radialog_rl.errors import ConfigError
+from radialog_rl.training.ppo.config import PPOConfig
+from radialog_rl.training.ppo.evaluation import evaluation_table, is_better
+from radialog_rl.training.ppo.rollout import span_token_mask
+from radialog_rl.training.ppo.trainer import PPOTrainer
+
+
+@pytest.fixture(scope="module")
+def qa_data(tmp_path_factory):
+    from radialog_rl.testing.data import make_binary_qa_jsonl
+
+    return make_binary_qa_jsonl(tmp_path_factory.mktemp("ppo-cal-data"), n=8)
+
+
+def _config(release, data, tmp_path, **overrides) -> PPOConfig:
+    fields = dict(
+        model_path=str(release.model_path), model_base=str(release.model_base), train_file=str(data),
+        batch_size=4, mini_batch_size=2, gradient_accumulation_steps=2, max_new_tokens=6, steps=1,
+        output_dir=str(tmp_path / "run"), dtype="fp32", save_every=1000, learning_rate=1e-3,
+        tensorboard=False, export_final=False,
+    )
+    fields.update(overrides)
+    return PPOConfig(**fields)
+
+
+def _span_reward(span_of):
+    """A reward with a span per response chosen by ``span_of(text)``."""
+    def reward(samples, responses):
+        return RewardOutput(scores=[1.0] * len(responses), spans=[span_of(r) for r in responses])
+    return reward
+
+
+def test_loss_mask_is_the_span_while_the_kl_mask_is_the_whole_response(tiny_release, qa_data, tmp_path):
+    # Span = the first character of each response (a one-token span); samples with no text: no span.
+    trainer = PPOTrainer(_config(tiny_release, qa_data, tmp_path),
+                         reward_fn=_span_reward(lambda t: (0, 1) if t else None))
+    batch = trainer.rollout()
+    response_mask = batch.attention_mask[:, batch.query_length:]
+    assert torch.equal(batch.kl_mask, response_mask)  # every sampled token through EOS
+    for i, text in enumerate(batch.texts):
+        if text:
+            expected = torch.tensor(span_token_mask(trainer.tokenizer, batch.response_ids[i].tolist(), (0, 1)))
+            assert torch.equal(batch.mask[i], expected * response_mask[i])
+            assert batch.mask[i].sum() < batch.kl_mask[i].sum() or batch.kl_mask[i].sum() == 1
+        else:  # no span: the whole response (span_fallback "response"), counted
+            assert torch.equal(batch.mask[i], response_mask[i])
+    assert batch.span_fallbacks == sum(1 for t in batch.texts if not t)
+
+
+def test_span_fallback_skip_optimises_nothing_for_samples_without_a_span(tiny_release, qa_data, tmp_path):
+    trainer = PPOTrainer(_config(tiny_release, qa_data, tmp_path, span_fallback="skip"),
+                         reward_fn=_span_reward(lambda t: None))
+    batch = trainer.rollout()
+    assert batch.mask.sum() == 0 and batch.span_fallbacks == 4
+    assert torch.equal(batch.kl_mask, batch.attention_mask[:, batch.query_length:])
+    metrics = trainer.step()
+    assert metrics["env/span_fallback_fraction"] == 1.0
+
+
+def test_rewritten_confidence_tokens_carry_no_kl(tiny_release, qa_data, tmp_path):
+    """Exploration rewrites: the rewritten statement is optimised (loss mask) but not KL-charged."""
+    statement = '{"confidence": 7}'
+
+    def rewriting_reward(samples, responses):
+        texts = [f"yes {statement}" for _ in responses]
+        spans = [(4, 4 + len(statement))] * len(responses)
+        return RewardOutput(scores=[1.0] * len(responses), spans=spans, texts=texts)
+
+    trainer = PPOTrainer(_config(tiny_release, qa_data, tmp_path), reward_fn=rewriting_reward)
+    batch = trainer.rollout()
+    assert batch.rewritten.all()
+    for i in range(4):
+        span = torch.tensor(span_token_mask(trainer.tokenizer, batch.response_ids[i].tolist(),
+                                            (4, 4 + len(statement))))
+        response = batch.attention_mask[i, batch.query_length:]
+        assert torch.equal(batch.mask[i], span * response)
+        assert torch.equal(batch.kl_mask[i], (1 - span) * response)
+        assert batch.mask[i].sum() > 0 and (batch.mask[i] * batch.kl_mask[i]).sum() == 0
+    metrics = trainer.step()
+    assert np.isfinite(metrics["objective/kl"]) and metrics["env/rewritten_fraction"] == 1.0
+
+
+def test_kl_as_a_loss_term_is_zero_at_the_start_and_rewards_hold_only_the_score(tiny_release, qa_data, tmp_path):
+    trainer = PPOTrainer(_config(tiny_release, qa_data, tmp_path, kl_penalty="loss", kl_estimator="k3"),
+                         reward_fn=_span_reward(lambda t: (0, 1) if t else None))
+    batch = trainer.rollout()
+    passes = trainer.score_passes(batch, [torch.arange(2), torch.arange(2, 4)])
+    _, _, kl, non_score = trainer.advantages(batch, passes)
+    assert torch.equal(non_score, torch.zeros_like(non_score))  # no KL in the rewards
+    assert kl.abs().max() == 0  # the fresh policy equals the reference (RaDialog adapter copy)
+    metrics = trainer.step()
+    assert metrics["objective/kl_loss"] == 0.0
+
+
+def test_rloo_groups_share_one_image_encoding_and_prompt(tiny_release, qa_data, tmp_path):
+    config = _config(tiny_release, qa_data, tmp_path, samples_per_prompt=2, advantage_estimator="rloo")
+    trainer = PPOTrainer(config, reward_fn=lambda s, r: [float(len(x)) for x in r])
+    calls = trainer.vision_calls
+    batch = trainer.rollout()
+    assert trainer.vision_calls - calls == 1  # one tower call for the 2 distinct prompts
+    assert batch.rows[0] is batch.rows[1] and batch.rows[2] is batch.rows[3]
+    torch.testing.assert_close(batch.image_features[0], batch.image_features[1])
+    passes = trainer.score_passes(batch, [torch.arange(2), torch.arange(2, 4)])
+    advantages, _, _, _ = trainer.advantages(batch, passes)
+    # Unwhitened sign check: in each pair the longer response has the positive advantage.
+    config.whiten_advantages = False
+    raw, _, _, _ = trainer.advantages(batch, passes)
+    for g in (0, 2):
+        a, b = batch.raw_scores[g], batch.raw_scores[g + 1]
+        row_adv = raw[g][batch.mask[g].bool()]
+        assert torch.allclose(row_adv, torch.full_like(row_adv, float(a - b)), atol=1e-4)
+    assert np.isfinite(trainer.step()["ppo/loss/policy"])
+
+
+def test_rloo_and_groups_are_validated():
+    with pytest.raises(ConfigError, match="samples_per_prompt"):
+        PPOConfig(advantage_estimator="rloo", samples_per_prompt=1)
+    with pytest.raises(ConfigError, match="multiple of samples_per_prompt"):
+        PPOConfig(batch_size=12, mini_batch_size=4, samples_per_prompt=5)
+    with pytest.raises(ConfigError, match="kl_penalty"):
+        PPOConfig(kl_penalty="nowhere")
+
+
+def test_fresh_lora_targets_are_configurable_including_lm_head(tiny_release, qa_data, tmp_path):
+    from radialog_rl import save_lora_merged_llava_model_to_local_dir
+
+    merged = save_lora_merged_llava_model_to_local_dir(
+        tmp_path / "merged", model_path=tiny_release.model_path, model_base=tiny_release.model_base,
+        dtype=torch.float32)
+    config = _config(tiny_release, qa_data, tmp_path, entry_point="fresh_lora", llava_model_path=str(merged),
+                     lora_r=4, lora_target_modules=["q_proj", "v_proj", "lm_head"], lora_dropout=0.0)
+    trainer = PPOTrainer(config, reward_fn=lambda s, r: [1.0] * len(r))
+    trainable = {n for n, p in trainer.unwrapped.named_parameters() if p.requires_grad}
+    lora = {n for n in trainable if "lora_" in n}
+    assert any("lm_head.lora_A" in n for n in lora)
+    assert {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in lora} == {"q_proj", "v_proj", "lm_head"}
+    with pytest.raises(ConfigError, match="shape a new adapter"):
+        PPOConfig(lora_target_modules=["lm_head"])  # radialog_lora: the released adapter's shape
+
+
+def test_exploration_draws_follow_the_config_seed(tiny_release, qa_data, tmp_path):
+    def draws(seed):
+        config = _config(tiny_release, qa_data, tmp_path, seed=seed, reward_params={"explore_prob": 0.5})
+        trainer = PPOTrainer(config)
+        return trainer.reward_fn.rng.integers(0, 1 << 30, 4).tolist()
+
+    assert draws(3) == draws(3) and draws(3) != draws(4)
+
+
+def test_evaluation_table_hand_computed():
+    rows = [{"answer": "yes", "visibility": 1.0}, {"answer": "yes", "visibility": 0.2},
+            {"answer": "no", "visibility": 0.0}, {"answer": "no", "visibility": 0.0}]
+    texts = ['yes {"confidence": 9}', 'no {"confidence": 4}', 'no {"confidence": 8}', "maybe"]
+    metrics, per_row = evaluation_table(rows, texts, 10, ["visibility"])
+    assert metrics["accuracy"] == 0.5  # rows 0 and 2 right; row 3's answer unreadable = wrong
+    assert metrics["answer_parse_failure_rate"] == 0.25 and metrics["parse_failure_rate"] == 0.25
+    # Brier over the 3 rows with a confidence: (0.9-1)^2 + (0.4-0)^2 + (0.8-1)^2 over 3
+    assert metrics["brier"] == pytest.approx((0.01 + 0.16 + 0.04) / 3)
+    assert metrics["auroc"] == pytest.approx(1.0)  # right answers have the higher confidences
+    groups = metrics["groups"]["visibility"]
+    assert groups["0.0"] == {"n": 2, "accuracy": 0.5, "mean_confidence": pytest.approx(0.8)}
+    assert groups["1.0"]["mean_confidence"] == pytest.approx(0.9) and list(groups) == ["0.0", "0.2", "1.0"]
+    assert per_row[1] == {"text": texts[1], "confidence": 4, "correct": 0.0, "visibility": 0.2}
+
+
+@pytest.mark.parametrize("metric, new, best, better", [
+    ("ece", 0.1, 0.2, True), ("ece", 0.3, 0.2, False), ("brier", 0.1, 0.2, True),
+    ("auroc", 0.8, 0.7, True), ("eval/auroc", 0.6, 0.7, False), ("accuracy", 0.9, 0.8, True),
+    ("ece", None, 0.2, False), ("auroc", 0.5, None, True),
+])
+def test_best_checkpoint_direction(metric, new, best, better):
+    assert is_better(metric, new, best) is better
+    assert is_better(metric, 0.1, 0.2, "max") is False and is_better(metric, 0.1, 0.2, "min") is True
+
+
+def test_eval_loop_best_and_final_export(tiny_release, qa_data, tmp_path):
+    config = _config(tiny_release, qa_data, tmp_path, steps=2, eval_file=str(qa_data), eval_every=1,
+                     eval_batch_size=3, eval_group_by=["answer"], best_metric="accuracy", export_final=True,
+                     reward="binary_qa_loglik")
+    trainer = PPOTrainer(config)
+    trainer.train()
+    run = tmp_path / "run"
+    evals = sorted((run / "eval").glob("step-*.json"))
+    assert [p.name for p in evals] == ["step-000001.json", "step-000002.json"]
+    result = json.loads(evals[-1].read_text())
+    assert result["metrics"]["n"] == 8 and len(result["rows"]) == 8
+    assert set(result["metrics"]["groups"]["answer"]) == {"yes", "no"}
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any("eval/accuracy" in row for row in logged)
+    for name in ("final", "best"):
+        export = run / name
+        assert (export / "adapter" / "adapter_config.json").is_file()
+        assert (export / "value_head.safetensors").is_file()
+    final_eval = json.loads((run / "final" / "eval.json").read_text())
+    assert final_eval["step"] == 2 and final_eval["accuracy"] == result["metrics"]["accuracy"]
+    # The exported adapter equals the trained one.
+    from radialog_rl.loading.adapters import read_adapter
+
+    _, saved = read_adapter(run / "final" / "adapter")
+    live = {k: v for k, v in trainer.unwrapped.pretrained_model.state_dict().items() if "lora_" in k
+            and ".default." in k}
+    assert len(saved) == len(live) > 0
+    for key, value in saved.items():
+        match = [v for k, v in live.items() if k.replace(".default", "").endswith(key.split("base_model.model.")[-1])]
+        assert match and torch.equal(match[0], value), key
+
+
+def test_greedy_eval_is_deterministic(tiny_release, qa_data, tmp_path):
+    trainer = PPOTrainer(_config(tiny_release, qa_data, tmp_path, eval_file=str(qa_data)),
+                         reward_fn=get_reward("binary_qa_loglik"))
+    assert trainer.evaluate(write=False) == trainer.evaluate(write=False)
+
+
+@pytest.mark.parametrize("value, pieces", [(7, ["7"]), (10, ["1", "0"])])
+def test_two_digit_confidences_are_optimised_and_parsed_whole(tiny_tokenizer, value, pieces):
+    """LLaMA's tokenizer splits "10" into "1", "0": the span (hence the policy loss and its
+    log-probs) covers both digit tokens, and parsing reads 10, not 1."""
+    from radialog_rl.calibration.parsing import find_confidence_span, parse_confidence
+
+    text = f'Yes {{"confidence": {value}}}'
+    ids = tiny_tokenizer(text, add_special_tokens=False).input_ids
+    assert tiny_tokenizer.decode(ids) == text and parse_confidence(text) == value
+    mask = span_token_mask(tiny_tokenizer, ids, find_confidence_span(text))
+    covered = [tiny_tokenizer.convert_ids_to_tokens(i) for i, m in zip(ids, mask) if m]
+    digits = [t for t in covered if t.strip("▁").isdigit()]
+    assert digits == pieces and covered[-1] == "}"
