@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 #: Prefix of a checkpoint being written.
 TMP_PREFIX = ".tmp-"
 #: What a PPO run writes into its output directory (what ``--overwrite`` may remove).
-RUN_FILES = ("checkpoint-*", f"{TMP_PREFIX}checkpoint-*", "metrics.jsonl", "tensorboard", "best", "final",
+RUN_FILES = ("checkpoint-*", f"{TMP_PREFIX}checkpoint-*", "metrics.jsonl", "tensorboard", "eval", "best", "final",
              ".best.tmp-*", ".final.tmp-*")
 #: Files every checkpoint holds (``rng_state_<rank>.pt`` is optional: older checkpoints lack it).
 _REQUIRED = ("trainer_state.json", "optimizer.pt", "scheduler.pt", "value_head.safetensors",
