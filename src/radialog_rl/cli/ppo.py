@@ -45,7 +45,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "output dir; 'previous' skips a damaged latest one)")
     parser.add_argument("--overwrite", action="store_true",
                         help="start again in an output dir that holds a previous run (removes only its "
-                             "checkpoints, metrics.jsonl and tensorboard/)")
+                             "checkpoints, metrics.jsonl, tensorboard/, eval/, best/ and final/)")
     parser.add_argument("--steps", type=int, help="train until this many PPO steps (overrides the config)")
     parser.add_argument("--output-dir", help="overrides output_dir")
     parser.add_argument("--device", help="'cpu' to force the CPU; GPUs are assigned per process by the "
