@@ -392,7 +392,10 @@ class CalibrationReward:
         """Raise :class:`DataError` when a dataset row lacks ground truth this reward can read
         (checked for every row before training; with an ``accuracy_scorer`` the scorer decides)."""
         if self.accuracy_scorer is None:
-            row_accuracy(sample, "", 0)
+            try:
+                row_accuracy(sample, "", 0)
+            except DataError as exc:  # the caller names the row by file and line, not batch index
+                raise DataError(str(exc).removeprefix("sample 0: ")) from None
 
     def _confidences(self, responses: Sequence[str]) -> tuple[list[str], list[int | None]]:
         if self.explore_prob > 0.0:

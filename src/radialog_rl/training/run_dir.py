@@ -92,7 +92,10 @@ class RunLock:
         self.release()
 
     def __del__(self) -> None:  # a dropped lock object must not keep the directory locked
-        self.release()
+        try:
+            self.release()
+        except Exception:  # at interpreter exit os/fcntl may be gone; the kernel releases it anyway
+            pass
 
 
 def _describe(holder: str) -> str:
