@@ -220,6 +220,11 @@ class ModelSection(ConfigModel):
     CUDA_VISIBLE_DEVICES)."""
     gradient_checkpointing: bool = False
     """Trade compute for activation memory (non-reentrant; enabled before LoRA is attached)."""
+    system_prompt: str | None = None
+    """System text that opens RaDialog's conversation template (default: RaDialog's own,
+    radialog_rl.data.prompts.SYSTEM_PROMPT). Use the same value for SFT, PPO and evaluation: it is
+    part of what the model was trained on. "" drops it (the calibration demo does: on the tiny
+    release's character-level tokenizer it is ~200 tokens that dilute the 16 image positions)."""
 
     @field_validator("dtype")
     @classmethod

@@ -272,6 +272,8 @@ def build_datasets(config: SFTConfig, tokenizer, model_config, *, examples=None)
         max_length=config.max_length or getattr(model_config, "tokenizer_model_max_length", None),
         overflow=config.overflow,
     )
+    if config.system_prompt is not None:
+        kwargs["system"] = config.system_prompt
     train = SFTDataset(train_examples, tokenizer, **kwargs)
     evaluation = SFTDataset(eval_examples, tokenizer, **kwargs) if eval_examples else None
     return train, evaluation

@@ -281,7 +281,7 @@ class PPOTrainer:
         response [B, Tr], response_mask [B, Tr], texts)`` with ``B = len(rows) * repeats``.
         """
         from radialog_rl.data.images import load_chest_xray
-        from radialog_rl.data.prompts import build_prompt
+        from radialog_rl.data.prompts import SYSTEM_PROMPT, build_prompt
         from radialog_rl.loading.tokenizer import batch_tokenize_image_prompts
         from radialog_rl.modeling.llava import expand_image_tokens
 
@@ -294,7 +294,9 @@ class PPOTrainer:
         rows = [r for r in rows for _ in range(repeats)]
         features = features.repeat_interleave(repeats, dim=0)
         prompts = [user_message(r.prompt) for r in rows]
-        prompts = [build_prompt(p) for p in prompts] if cfg.chat_template else prompts
+        if cfg.chat_template:
+            system = SYSTEM_PROMPT if cfg.system_prompt is None else cfg.system_prompt
+            prompts = [build_prompt(p, system=system) for p in prompts]
         ids, mask = batch_tokenize_image_prompts(prompts, self.tokenizer, padding_side="left")
         query = expand_image_tokens(ids, llava.num_image_tokens, mask, pad_token_id=self.pad_token_id)
         eos = self.tokenizer.eos_token_id
