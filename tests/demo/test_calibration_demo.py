@@ -1,0 +1,59 @@
+"""The calibration experiment (``radialog-rl demo calibration``) end to end on a very short preset,
+and its target checks on hand-made tables."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from radialog_rl.cli import main
+from radialog_rl.demo.calibration import Preset, check_targets, format_summary, run_calibration_experiment
+
+TINY = Preset(n_train=64, n_eval=32, sft_epochs=2, ppo_steps=4, eval_every=2, findings=("opacity",))
+
+
+def test_the_whole_experiment_runs_and_writes_its_table(tmp_path):
+    result = run_calibration_experiment(tmp_path / "work", TINY)
+    models = [row["model"].split(" ")[0] for row in result.rows]
+    assert models == ["SFT", "PPO", "oracle", "best"]
+    for row in result.rows:
+        assert 0.0 <= row["accuracy"] <= 1.0 and row["brier"] is not None
+    assert len(result.targets) == 7 and set(result.groups) == {"SFT", "PPO"}
+    work = tmp_path / "work"
+    summary = json.loads((work / "summary.json").read_text())
+    assert summary["rows"] == result.rows
+    assert (work / "sft" / "merged" / "config.json").is_file()
+    assert sorted(p.name for p in (work / "ppo" / "eval").glob("step-*.json")) == [
+        "step-000000.json", "step-000002.json", "step-000004.json"]
+    assert (work / "ppo" / "final" / "adapter" / "adapter_config.json").is_file()
+    assert [p.name for p in result.plots] == ["reliability_sft.png", "reliability_ppo.png"]
+    text = format_summary(result)
+    assert "| SFT |" in text and "targets:" in text
+
+
+def _rows(ppo, sft_accuracy=0.8, oracle_auroc=0.8, constant_brier=0.2):
+    base = {"parse_failure_rate": 0.0, "mean_confidence": 0.5, "ece": 0.0}
+    return [
+        {**base, "model": "SFT", "accuracy": sft_accuracy, "auroc": 0.5, "brier": 0.5},
+        {**base, "model": "PPO", **ppo},
+        {**base, "model": "oracle (SFT accuracy per group)", "accuracy": sft_accuracy, "auroc": oracle_auroc,
+         "brier": 0.1},
+        {**base, "model": "best constant (8)", "accuracy": sft_accuracy, "auroc": 0.5, "brier": constant_brier},
+    ]
+
+
+def test_targets_hand_computed():
+    good = {"accuracy": 0.79, "auroc": 0.76, "brier": 0.16, "ece": 0.05, "parse_failure_rate": 0.02}
+    groups = {"0.05": 0.2, "0.10": 0.3, "0.20": 0.5, "0.60": 0.9}
+    assert all(met for _, _, met in check_targets(_rows(good), groups))
+    bad = {"accuracy": 0.77, "auroc": 0.71, "brier": 0.171, "ece": 0.061, "parse_failure_rate": 0.03}
+    results = check_targets(_rows(bad), {"0.05": 0.2, "0.10": 0.2, "0.20": 0.5, "0.60": 0.9})
+    assert [met for _, _, met in results] == [False] * 7  # 0.71 < 0.75 and < 0.9 x 0.8 = 0.72; ...
+    assert not check_targets(_rows(good), {"0.05": 0.2, "0.10": 0.3, "0.20": 0.5})[5][2]  # < 4 groups
+
+
+def test_cli_refuses_a_used_work_folder(tmp_path, capsys):
+    (tmp_path / "old.txt").write_text("keep me")
+    assert main(["demo", "calibration", "--preset", "ci", "--work", str(tmp_path)]) == 1
+    assert "not empty" in capsys.readouterr().err and (tmp_path / "old.txt").read_text() == "keep me"
