@@ -85,6 +85,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                           help="scale of the verbalized confidence (default 10)")
     run_args.add_argument("--no-chat-template", action="store_true",
                           help="use the prompts as they are instead of RaDialog's conversation template")
+    run_args.add_argument("--system-prompt", default=None, metavar="TEXT",
+                          help="the conversation template's system text (default RaDialog's); give what the "
+                               "model was trained with, e.g. \"\" for the calibration demo's models")
 
     ptrue = p.add_argument_group("ptrue")
     ptrue.add_argument("--ptrue-template", metavar="TEXT",
@@ -136,7 +139,7 @@ def _config(args: argparse.Namespace):
                         yes_words=tuple(args.yes_word or ("Yes",)), no_words=tuple(args.no_word or ("No",)))
     return EstimateConfig(
         batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, scale=args.scale,
-        chat_template=not args.no_chat_template, ptrue=ptrue,
+        chat_template=not args.no_chat_template, system_prompt=args.system_prompt, ptrue=ptrue,
         seqprob=SeqProbConfig(reduction=args.seqprob_reduction, include_eos=not args.seqprob_no_eos),
         probe_features=ProbeFeatureConfig(layer=args.probe_layer, position=args.probe_position),
     )

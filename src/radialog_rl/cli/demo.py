@@ -39,7 +39,7 @@ examples:
   radialog-rl demo
   radialog-rl demo --precisions 16bit,4bit --out /tmp/tiny-release
   radialog-rl demo --device cuda
-  radialog-rl demo calibration                 # the calibration experiment (about 15 min on a CPU)
+  radialog-rl demo calibration                 # the calibration experiment (5-8 min on a CPU)
   radialog-rl demo calibration --preset ci     # a short version"""
 
 
@@ -282,9 +282,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("experiment", nargs="?", choices=("calibration",),
                    help="'calibration': the calibration experiment on the synthetic visual task "
                         "(build data -> SFT -> merge -> PPO with held-out eval -> table and "
-                        "reliability diagrams; about 15 minutes on 2 CPU cores with --preset full)")
+                        "reliability diagrams; about 5-8 minutes on 2 CPU cores with --preset full)")
     p.add_argument("--preset", choices=("full", "ci"), default="full",
-                   help="calibration: sizes of the run (full: 800/400 rows, 300 PPO steps; ci: a "
+                   help="calibration: sizes of the run (full: 800/400 rows, 12 SFT epochs, 300 PPO steps; ci: a "
                         "short run for tests)")
     p.add_argument("--work", type=Path, metavar="DIR",
                    help="calibration: working folder for data, runs, plots and summary.json "

@@ -36,7 +36,7 @@ from radialog_rl.confidence.seqprob import (
 )
 from radialog_rl.confidence.verbalized import verbalized_confidence
 from radialog_rl.data.images import load_chest_xray
-from radialog_rl.data.prompts import build_prompt
+from radialog_rl.data.prompts import SYSTEM_PROMPT, build_prompt
 from radialog_rl.errors import ConfigError, DataError
 from radialog_rl.generation import _eos_ids, _unwrap, encode_image_features, generate
 
@@ -54,6 +54,8 @@ class EstimateConfig:
         max_new_tokens: most new tokens of a generated response (greedy decoding).
         scale: the verbalized confidence scale, 10 or 100 (the probability is N / scale).
         chat_template: wrap prompts in RaDialog's vicuna conversation (``build_prompt``).
+        system_prompt: the template's system text (None: RaDialog's own); use what the model was
+            trained with (the SFT/PPO ``system_prompt`` key).
         ptrue / seqprob: the method settings.
         probe_features: layer and position of the probe's features when training one (a loaded
             probe carries its own).
@@ -63,6 +65,7 @@ class EstimateConfig:
     max_new_tokens: int = 64
     scale: int = 10
     chat_template: bool = True
+    system_prompt: str | None = None
     ptrue: PTrueConfig = field(default_factory=PTrueConfig)
     seqprob: SeqProbConfig = field(default_factory=SeqProbConfig)
     probe_features: ProbeFeatureConfig = field(default_factory=ProbeFeatureConfig)
@@ -123,7 +126,8 @@ def _responses(model, tokenizer, samples, prompts, features, config: EstimateCon
 
 
 def _run_batch(model, tokenizer, samples, methods, config, probe_layer, yes_no) -> _Batch:
-    prompts = [build_prompt(s.prompt) if config.chat_template else s.prompt for s in samples]
+    system = SYSTEM_PROMPT if config.system_prompt is None else config.system_prompt
+    prompts = [build_prompt(s.prompt, system=system) if config.chat_template else s.prompt for s in samples]
     features = _encode(model, samples)
     texts, ids, finished = _responses(model, tokenizer, samples, prompts, features, config)
     batch = _Batch(texts=texts, accuracies=[sample_accuracy(s, t) for s, t in zip(samples, texts)],
@@ -139,7 +143,7 @@ def _run_batch(model, tokenizer, samples, methods, config, probe_layer, yes_no) 
     if "ptrue" in methods:
         questions = [s.prompt for s in samples]
         batch.values["ptrue"] = ptrue_scores(
-            model, tokenizer, ptrue_prompts(questions, texts, config.ptrue.template, config.chat_template),
+            model, tokenizer, ptrue_prompts(questions, texts, config.ptrue.template, config.chat_template, system),
             features, *yes_no,
         )
     return batch

@@ -34,7 +34,7 @@ import torch
 from radialog_rl.calibration.parsing import strip_confidence
 from radialog_rl.calibration.prompts import CONFIDENCE_SCALES, confidence_instruction
 from radialog_rl.constants import DEFAULT_IMAGE_TOKEN
-from radialog_rl.data.prompts import build_prompt
+from radialog_rl.data.prompts import SYSTEM_PROMPT, build_prompt
 from radialog_rl.errors import ConfigError
 from radialog_rl.generation import _unwrap
 from radialog_rl.loading.tokenizer import batch_tokenize_image_prompts
@@ -132,7 +132,7 @@ def strip_confidence_request(question: str) -> str:
 
 def ptrue_prompts(
     questions: Sequence[str], responses: Sequence[str], template: str = DEFAULT_TEMPLATE,
-    chat_template: bool = True,
+    chat_template: bool = True, system: str = SYSTEM_PROMPT,
 ) -> list[str]:
     """The full self-evaluation prompts (vicuna chat template when ``chat_template``).
 
@@ -147,7 +147,7 @@ def ptrue_prompts(
         if own_image:
             question = question.replace(DEFAULT_IMAGE_TOKEN, "").strip(" .\n")
         message = user_message(template.format(question=question, answer=strip_confidence(response)))
-        out.append(build_prompt(message) if chat_template else message)
+        out.append(build_prompt(message, system=system) if chat_template else message)
     return out
 
 

@@ -499,8 +499,8 @@ def build_synthetic_task(
                                 np.random.SeedSequence([seed, split_index]).spawn(2))
         plan = _split_plan(n, findings, levels, float(positive_fraction), plan_rng)
         ppo_rows, sft_rows = [], []
-        for i, (finding, visibility) in enumerate(tqdm(plan, desc=f"synthetic {split} images",
-                                                       leave=False)):
+        for i, (finding, visibility) in enumerate(tqdm(plan, desc=f"synthetic {split} images", leave=False,
+                                                       disable=not logger.isEnabledFor(logging.INFO))):
             name = f"{split}_{i:05d}.png"
             case = render_case(_image_seed(seed, split_index, i),
                                finding if visibility > 0 else None, visibility, size, noise_std)
