@@ -313,3 +313,14 @@ def test_ptrue_prompt_shows_the_answer_without_confidence():
     [own] = ptrue_prompts([question], ["No"], template="Q: {question} A: {answer}. Right? <image>",
                           chat_template=False)
     assert own == "Q: Is there evidence of pulmonary edema in this chest X-ray? A: No. Right? <image>"
+
+
+def test_prompts_use_the_given_system_prompt():
+    """--system-prompt: the template's system text is what the model was trained with."""
+    from radialog_rl.confidence.ptrue import ptrue_prompts
+    from radialog_rl.data.prompts import SYSTEM_PROMPT
+
+    default = ptrue_prompts(["<image>\nIs there edema?"], ["yes"])[0]
+    bare = ptrue_prompts(["<image>\nIs there edema?"], ["yes"], system="")[0]
+    assert default.startswith(SYSTEM_PROMPT) and bare.startswith(" USER: ") and SYSTEM_PROMPT not in bare
+    assert default[len(SYSTEM_PROMPT):] == bare

@@ -237,3 +237,26 @@ def test_two_digit_confidences_are_optimised_and_parsed_whole(tiny_tokenizer, va
     covered = [tiny_tokenizer.convert_ids_to_tokens(i) for i, m in zip(ids, mask) if m]
     digits = [t for t in covered if t.strip("▁").isdigit()]
     assert digits == pieces and covered[-1] == "}"
+
+
+def test_system_prompt_is_configurable_and_shared_by_sft(tiny_release, qa_data, tmp_path, tiny_tokenizer):
+    from radialog_rl.data.prompts import SYSTEM_PROMPT
+    from radialog_rl.training.sft import SFTConfig, build_datasets
+
+    default = PPOTrainer(_config(tiny_release, qa_data, tmp_path), reward_fn=lambda s, r: [0.0] * len(r))
+    bare = PPOTrainer(_config(tiny_release, qa_data, tmp_path / "b", system_prompt=""),
+                      reward_fn=lambda s, r: [0.0] * len(r))
+    n_system = len(tiny_tokenizer(SYSTEM_PROMPT, add_special_tokens=False).input_ids)
+    shorter = default.rollout().query_length - bare.rollout().query_length
+    assert n_system - 2 <= shorter <= n_system + 2  # the system text is gone from every query
+    # SFT renders its conversations with the same system text.
+    sft_data = tmp_path / "sft.jsonl"
+    image = json.loads(qa_data.read_text().splitlines()[0])["image"]
+    sft_data.write_text(json.dumps({"image": str(qa_data.parent / image), "prompt": "hi", "target": "yes"}) + "\n")
+    lengths = []
+    for system in (None, ""):
+        config = SFTConfig(model_path=str(tiny_release.model_path), model_base=str(tiny_release.model_base),
+                           train_file=str(sft_data), system_prompt=system, trainer={"output_dir": str(tmp_path / "s")})
+        train, _ = build_datasets(config, tiny_tokenizer, default.unwrapped.llava.config)
+        lengths.append(len(train[0]["input_ids"]))
+    assert n_system - 2 <= lengths[0] - lengths[1] <= n_system + 2
