@@ -24,7 +24,7 @@ from radialog_rl.calibration.metrics import (
 )
 from radialog_rl.errors import DataError
 
-REFERENCE_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "calibration-reference"
+REFERENCE_DIR = Path(__file__).resolve().parent / "published"  # see its README.md for the source
 
 # §E: file -> (ECE, sigma_CBND, D_NCKL)
 PUBLISHED = {
@@ -158,8 +158,7 @@ def test_input_validation():
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
 def test_published_table(name):
     path = REFERENCE_DIR / f"{name}.csv"
-    if not path.is_file():
-        pytest.skip(f"reference data not found at {path} (shared/data/calibration-reference is absent)")
+    assert path.is_file(), f"published test data missing: {path}"
     preds = read_predictions(path, scale=10)
     report = compute_calibration(preds.confidences, preds.accuracies, scale=10)
     ece, scbnd, dnckl = PUBLISHED[name]
