@@ -19,7 +19,7 @@
 on for ``inputs_embeds``): it runs a plain loop that recomputes the whole sequence at every step, a
 slow reference that the cached path must match token for token.
 
-:func:`generate_reports` builds RaDialog's report prompts (``radialog-format.md`` §8) for a batch
+:func:`generate_reports` builds RaDialog's report prompts (``docs/checkpoint-format.md`` §8) for a batch
 of images and calls :func:`generate`.
 """
 

@@ -6,7 +6,7 @@
   ``accuracy`` (a number in [0, 1] or null = not scored) or ``correct`` (true/false, 0/1,
   "yes"/"no"). Blank lines are ignored.
 * CSV (``.csv``/``.tsv``): header with ``confidence`` and ``accuracy`` columns; an empty cell is
-  missing (an empty confidence is a parse failure, as in ``shared/data/calibration-reference``); a
+  missing (an empty confidence is a parse failure, as in ``tests/calibration/published``); a
   row with fewer cells than the header is a bad row, not a missing accuracy.
 
 ``green_score`` is read as ``accuracy`` (the earlier RaDialog calibration work wrote its GREEN

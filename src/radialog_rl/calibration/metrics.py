@@ -1,4 +1,4 @@
-"""Calibration metrics (``ppo-and-calibration.md`` §D) and the :class:`CalibrationReport`.
+"""Calibration metrics (``docs/ppo-and-calibration.md`` §D) and the :class:`CalibrationReport`.
 
 Inputs are per-sample stated confidences on ``0..scale`` and accuracies in [0, 1]; None or NaN
 marks a missing value. Samples missing either are excluded from every metric and counted in the

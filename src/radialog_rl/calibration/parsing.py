@@ -1,7 +1,7 @@
 """Parsing of model responses: the stated confidence, its character span, and yes/no answers.
 
 Also holds the exploration trick of "Rewarding Doubt" (:func:`replace_confidences`), which rewrites
-the stated confidences of a batch before scoring. Everything follows ``ppo-and-calibration.md`` §B.
+the stated confidences of a batch before scoring. Everything follows ``docs/ppo-and-calibration.md`` §B.
 Pure string functions plus a numpy ``Generator`` for the exploration draws.
 """
 

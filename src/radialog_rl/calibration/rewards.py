@@ -1,4 +1,4 @@
-"""Calibration rewards (``ppo-and-calibration.md`` §C) and the PPO reward plug-in layer.
+"""Calibration rewards (``docs/ppo-and-calibration.md`` §C) and the PPO reward plug-in layer.
 
 Scalar rewards (pure functions of one sample; a missing confidence gives the format penalty):
 

@@ -1,6 +1,6 @@
 """``radialog-rl evaluate``: calibration metrics of a predictions file (JSONL or CSV).
 
-Prints ECE, sigma_CBND, D_NCKL (``ppo-and-calibration.md`` §D), Brier, AUROC, the parse-failure
+Prints ECE, sigma_CBND, D_NCKL (``docs/ppo-and-calibration.md`` §D), Brier, AUROC, the parse-failure
 rate and the per-bin table, or the same as JSON; optionally writes a reliability diagram and a
 confidence histogram.
 """

@@ -20,7 +20,7 @@ __all__ = ["METHODS", "TABLE_SCALE", "ConfidenceResult", "bin_confidence", "chec
 #: The four methods, in the order the comparison table lists them.
 METHODS: tuple[str, ...] = ("verbalized", "ptrue", "seqprob", "probe")
 
-#: The binned confidence lives on 0..TABLE_SCALE (one bin per value, ``ppo-and-calibration.md`` §D).
+#: The binned confidence lives on 0..TABLE_SCALE (one bin per value, ``docs/ppo-and-calibration.md`` §D).
 TABLE_SCALE = 10
 
 

@@ -2,7 +2,7 @@
 
 A teacher-forced scoring pass (:func:`score_responses`) runs the model once over prompt ⊕ response
 with the image features written in, and reads ``log p(r_t | prompt, r_<t)`` for every response
-token (logit t predicts token t+1, ``ppo-and-calibration.md`` §A.1). The prompt and the image
+token (logit t predicts token t+1, ``docs/ppo-and-calibration.md`` §A.1). The prompt and the image
 positions are never scored: the response mask covers exactly the response tokens. The same pass
 can return a hidden layer for the probe (:mod:`.probe`), so both cost one forward.
 

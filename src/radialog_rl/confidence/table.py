@@ -2,7 +2,7 @@
 
 Metrics come from :func:`radialog_rl.calibration.metrics.compute_calibration` on the binned
 confidences (0..10) and accuracies, exactly what ``radialog-rl evaluate`` computes from the written
-prediction files: ECE, σ_CBND, D_NCKL (``ppo-and-calibration.md`` §D), Brier, AUROC, the
+prediction files: ECE, σ_CBND, D_NCKL (``docs/ppo-and-calibration.md`` §D), Brier, AUROC, the
 parse-failure rate (no confidence) and the excluded rate (no confidence or no accuracy).
 """
 

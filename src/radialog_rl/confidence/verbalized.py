@@ -1,6 +1,6 @@
 """Verbalized confidence: the ``{"confidence": N}`` statement the model writes in its response.
 
-Parsing is :func:`radialog_rl.calibration.parsing.parse_confidence` (``ppo-and-calibration.md``
+Parsing is :func:`radialog_rl.calibration.parsing.parse_confidence` (``docs/ppo-and-calibration.md``
 §B): exactly one statement, an integer on ``0..scale``; anything else is a parse failure (None).
 The probability is ``N / scale``.
 """

@@ -1,4 +1,4 @@
-"""Chest X-ray reading and preprocessing as RaDialog fed BioViL-T (``radialog-format.md`` §7).
+"""Chest X-ray reading and preprocessing as RaDialog fed BioViL-T (``docs/checkpoint-format.md`` §7).
 
 Reading (:func:`read_image_array`) returns the pixels at their original bit depth:
 
@@ -461,7 +461,7 @@ def preprocess_chest_xray(
     resize: int = DEFAULT_RESIZE,
     crop: int = DEFAULT_CROP,
 ) -> torch.Tensor:
-    """RaDialog's image transform (``radialog-format.md`` §7; steps listed in the module docstring).
+    """RaDialog's image transform (``docs/checkpoint-format.md`` §7; steps listed in the module docstring).
 
     Args:
         image: ``[H, W]`` or ``[H, W, C]`` (C in 1..4, channels last) array of any numeric dtype,

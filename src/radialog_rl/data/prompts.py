@@ -1,4 +1,4 @@
-"""RaDialog's conversation template and report prompt (``radialog-format.md`` §8).
+"""RaDialog's conversation template and report prompt (``docs/checkpoint-format.md`` §8).
 
 Pure string functions; no tokenizer or torch here.
 """

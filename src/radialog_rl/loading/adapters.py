@@ -4,7 +4,7 @@
   projections, bias none, causal LM), with overrides.
 - :func:`read_adapter` / :func:`load_lora_weights`: RaDialog's ``adapter_model.bin`` (old PEFT key
   names) or any PEFT adapter directory, mapped explicitly onto the injected LoRA parameters; every
-  file tensor must land and every LoRA parameter must receive one (``radialog-format.md`` §3).
+  file tensor must land and every LoRA parameter must receive one (``docs/checkpoint-format.md`` §3).
 - :func:`attach_lora`: fresh (PEFT's standard init) or pretrained, trainable or frozen, optionally a
   frozen ``reference`` copy for PPO.
 - :func:`prepare_quantized_for_training`: k-bit preparation, then the vision tower and projector cast

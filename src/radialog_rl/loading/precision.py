@@ -3,7 +3,7 @@
 What is never quantised: the projector, the vision tower and ``lm_head`` (they stay in the compute
 dtype). transformers 5 matches ``llm_int8_skip_modules`` from the start of the module name and a
 custom list replaces its defaults, so we give full prefixes and name ``lm_head`` ourselves
-(``shared/reference/stack-notes.md``).
+(``docs/stack-notes.md``).
 """
 
 from __future__ import annotations

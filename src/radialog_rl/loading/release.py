@@ -1,4 +1,4 @@
-"""RaDialog release + base LLaVA -> a ready ``LlavaLlamaForCausalLM`` (``radialog-format.md`` §1-§6).
+"""RaDialog release + base LLaVA -> a ready ``LlavaLlamaForCausalLM`` (``docs/checkpoint-format.md`` §1-§6).
 
 :func:`load_baseline_llava_model_with_vision_modules` runs these steps, each a public function:
 

@@ -1,4 +1,4 @@
-"""LLaVA tokenizer loading and the historical image-token layout (``radialog-format.md`` §8).
+"""LLaVA tokenizer loading and the historical image-token layout (``docs/checkpoint-format.md`` §8).
 
 The LLaMA tokenizer has no pad token; by RaDialog's convention pad = eos (``</s>``). Generation
 pads on the left. ``tokenizer_image_token`` reproduces LLaVA's layout: split the prompt at

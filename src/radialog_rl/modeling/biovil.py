@@ -1,6 +1,6 @@
 """BioViL-T chest X-ray image encoder (the vision tower of RaDialog), as a plain torch module.
 
-Architecture (see ``/work/shared/reference/radialog-format.md`` §6 and §7)::
+Architecture (see ``docs/checkpoint-format.md`` §6 and §7)::
 
     images [B,3,H,W] (values in [0,1], no mean/std normalisation; 448x448 for RaDialog)
       -> ResNet-50 trunk (torchvision layout, ResNet v1.5)        [B,2048,H/32,W/32]
@@ -139,7 +139,7 @@ def tiny_biovil_config() -> BioViLConfig:
     """A tower small enough for unit tests: 128 px -> 4x4 grid, 128-d features, ~0.5 M parameters.
 
     Linear ``in_features`` stay multiples of 64 (bitsandbytes' CPU kernels need that, see
-    stack-notes.md).
+    docs/stack-notes.md).
     """
     return BioViLConfig(
         resnet_layers=(1, 1, 1, 1),
@@ -437,7 +437,7 @@ class BioViLTProjector(nn.Module):
 class BioViLTImageEncoder(nn.Module):
     """The BioViL-T image tower; its ``state_dict`` matches ``biovil_t_image_model_proj_size_128.pt``.
 
-    Inputs are ``[B, 3, H, W]`` images in [0, 1] (see radialog-format.md §7); H and W should be
+    Inputs are ``[B, 3, H, W]`` images in [0, 1] (see docs/checkpoint-format.md §7); H and W should be
     multiples of 32 (448 for RaDialog). ``prior_images``, if given, has the same shape.
     """
 

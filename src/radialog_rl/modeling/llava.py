@@ -5,7 +5,7 @@
 LLaVA-1.5's (``model.embed_tokens``, ``model.layers.N...``, ``model.norm``, ``lm_head``,
 ``model.mm_projector.{0,2}.*``, ``model.vision_tower.*``) so the real base shards,
 ``non_lora_trainables.bin`` and RaDialog's LoRA keys map without renaming
-(``shared/reference/radialog-format.md`` §1-§6).
+(``docs/checkpoint-format.md`` §1-§6).
 
 Image positions are expanded *in the token sequence*: a prompt's image placeholder
 (``IMAGE_TOKEN_INDEX`` = -200) becomes one position per image feature (196 for BioViL-T at 448 px)

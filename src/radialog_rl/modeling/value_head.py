@@ -2,7 +2,7 @@
 
 ``LlavaWithValueHead`` returns the policy's logits and one value per token position, aligned with
 the (image-expanded) ``input_ids``. The head is TRL's layout (dropout then ``Linear(hidden, 1)`` on the
-last hidden state, keys ``v_head.summary.{weight,bias}``; ``radialog-format.md`` §9) so existing PPO
+last hidden state, keys ``v_head.summary.{weight,bias}``; ``docs/checkpoint-format.md`` §9) so existing PPO
 checkpoints resume. It is zero-initialised by default (Huang et al. 2024, detail 9) and its dropout
 defaults to 0 so the first PPO ratio is exactly 1.
 

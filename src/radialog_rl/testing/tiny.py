@@ -1,7 +1,7 @@
 """A tiny, deterministic RaDialog release in the real on-disk layout.
 
 Used by the tests, ``radialog-rl demo`` and users' own tests. The files are laid out exactly like
-the real ones (``radialog-format.md`` §1-§4), only small:
+the real ones (``docs/checkpoint-format.md`` §1-§4), only small:
 
 ``OUT/llava-v1.5-tiny/``  base LLaVA: ``config.json`` (``"model_type": "llava"``, CLIP tower fields,
     a CLIP-shaped projector so the wrong-shape path runs), two ``pytorch_model-0000x-of-00002.bin``

@@ -1,5 +1,5 @@
 """``PPOConfig``: every knob of the multimodal PPO trainer, defaulting to the published RaDialog
-calibration run (``shared/reference/ppo-and-calibration.md`` §A: TRL-0.5-era PPO with batch 12,
+calibration run (``docs/ppo-and-calibration.md`` §A: TRL-0.5-era PPO with batch 12,
 minibatch 4, gradient accumulation 3, one PPO epoch, Adam lr 1e-5, adaptive KL from 0.05 with
 target 6 and horizon 10000, clip ranges 0.2, vf_coef 0.1, gamma 1, lambda 0.95, whitened
 advantages, no gradient clipping; sampling top_k 0, top_p 1, temperature 1, 50 new tokens).

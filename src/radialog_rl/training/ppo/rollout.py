@@ -5,7 +5,7 @@ the first generated token through the first EOS inclusive. A reward may ask to o
 character span of the response (e.g. the ``{"confidence": N}`` statement); :func:`span_token_mask`
 maps it onto the sampled tokens. The one deliberate exception to "never re-tokenize" is the
 Rewarding-Doubt exploration trick, whose reward rewrites the stated confidence: those rows are
-re-tokenized so the policy is updated on the text that was scored (``ppo-and-calibration.md`` §B).
+re-tokenized so the policy is updated on the text that was scored (``docs/ppo-and-calibration.md`` §B).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Multimodal PPO for a LoRA LLaVA policy with a shared-trunk value head, on ``accelerate``.
 
 One :meth:`PPOTrainer.step`, top to bottom (Huang et al. 2024, "The N Implementation Details of
-RLHF with PPO"; ``shared/reference/ppo-and-calibration.md`` §A):
+RLHF with PPO"; ``docs/ppo-and-calibration.md`` §A):
 
 1. **rollout**: take ``batch_size`` rows, load images, compute image features ONCE (tower and
    projector are frozen), sample responses with left-padded prompts; the sampled ids are the
