@@ -161,7 +161,8 @@ def _batches(model, tokenizer, samples, methods, config, feature_config: ProbeFe
     yes_no = resolve_yes_no_ids(tokenizer, config.ptrue) if "ptrue" in methods else None
     layer = feature_config.layer if feature_config is not None else None
     starts = range(0, len(samples), config.batch_size)
-    for start in tqdm(starts, desc=desc, unit="batch", disable=len(starts) < 2, file=sys.stderr):
+    quiet = len(starts) < 2 or not logger.isEnabledFor(logging.INFO)  # -q: no bar
+    for start in tqdm(starts, desc=desc, unit="batch", disable=quiet, file=sys.stderr):
         chunk = samples[start : start + config.batch_size]
         batch = _run_batch(model, tokenizer, chunk, methods, config, layer, yes_no)
         feats = probe_features(batch.scored, feature_config) if feature_config is not None else None
