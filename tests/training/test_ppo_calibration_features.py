@@ -114,8 +114,7 @@ def test_rloo_groups_share_one_image_encoding_and_prompt(tiny_release, qa_data, 
     assert batch.rows[0] is batch.rows[1] and batch.rows[2] is batch.rows[3]
     torch.testing.assert_close(batch.image_features[0], batch.image_features[1])
     passes = trainer.score_passes(batch, [torch.arange(2), torch.arange(2, 4)])
-    advantages, _, _, _ = trainer.advantages(batch, passes)
-    # Unwhitened sign check: in each pair the longer response has the positive advantage.
+    # Unwhitened: in each pair a sample's advantage is its score minus its sibling's.
     config.whiten_advantages = False
     raw, _, _, _ = trainer.advantages(batch, passes)
     for g in (0, 2):

@@ -467,11 +467,10 @@ class PPOTrainer:
         mask = batch.mask.to(passes["logprobs"].dtype)
         kl_mask = batch.kl_mask.to(mask.dtype)
         beta = self.kl_ctl.value if cfg.kl_penalty == "reward" else 0.0
+        # With kl_penalty "loss", beta is 0 here: the rewards hold only the score, and kl (returned
+        # unscaled) is for logging and the controller; the KL itself enters the loss in _train.
         rewards, non_score, kl = L.compute_token_rewards(batch.scores, passes["logprobs"], passes["ref"],
                                                          kl_mask, beta, cfg.kl_estimator, score_mask=mask)
-        if cfg.kl_penalty == "loss":  # compute_token_rewards charged nothing with beta 0; log the KL
-            kl = torch.where(kl_mask.bool(), L.per_token_kl(passes["logprobs"], passes["ref"], cfg.kl_estimator),
-                             torch.zeros_like(kl))
         if cfg.advantage_estimator == "rloo":
             returns_seq = batch.scores + non_score.sum(1)
             seq_adv = L.rloo_advantages(returns_seq, cfg.samples_per_prompt, batch.valid.to(returns_seq.device))
@@ -551,15 +550,16 @@ class PPOTrainer:
                                                            cfg.cliprange_value)
                         else:
                             vf = vf_clipfrac = (values.sum() * 0.0)  # keep the value head in the graph (DDP)
-                        loss = pg + cfg.vf_coef * vf
-                        klv = torch.zeros((), device=logprobs.device)
+                        kl_part, klv = 0.0, torch.zeros((), device=logprobs.device)
                         if cfg.kl_penalty == "loss":
                             kl_term, klv = L.kl_loss(logprobs, passes["ref"][idx], kl_mask[idx], cfg.kl_estimator)
-                            loss = loss + self.kl_ctl.value * kl_term
-                        if not m.any():  # no optimised token here: only the KL term (if any) counts
+                            kl_part = self.kl_ctl.value * kl_term
+                        if m.any():
+                            loss = pg + cfg.vf_coef * vf + kl_part
+                        else:  # no optimised token here: only the KL term (if any) counts
                             pg = vf = clipfrac = vf_clipfrac = approx_kl = ratio = torch.zeros(())
-                            loss = (logprobs.sum() + values.sum()) * 0.0 + (
-                                self.kl_ctl.value * kl_term if cfg.kl_penalty == "loss" else 0.0)
+                            # a zero that keeps every parameter in the graph (DDP needs each rank's backward)
+                            loss = (logprobs.sum() + values.sum()) * 0.0 + kl_part
                         if not self._deepspeed:  # DeepSpeed divides by its own accumulation count
                             loss = loss / len(group)
                         acc.backward(loss)
