@@ -172,3 +172,17 @@ def test_read_task_rows_names_the_bad_line(tmp_path):
     path.write_text('{"a": 1}\n\n[1]\n')
     with pytest.raises(DataError, match="line 3"):
         read_task_rows(path)
+
+
+def test_read_task_rows_names_bad_lines(tmp_path):
+    from radialog_rl.errors import DataError
+
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"a": 1}\n\n{"b": "caf\xe9"}\n')  # BOM, blank line, a Latin-1 line
+    with pytest.raises(DataError, match="line 3: not UTF-8"):
+        read_task_rows(path)
+    path.write_bytes(b'\xef\xbb\xbf{"a": 1}\n\n[1]\n')
+    with pytest.raises(DataError, match="line 3: expected a JSON object"):
+        read_task_rows(path)
+    path.write_bytes(b'\xef\xbb\xbf{"a": 1}\n\n')
+    assert read_task_rows(path) == [{"a": 1}]

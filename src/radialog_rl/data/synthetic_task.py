@@ -47,6 +47,7 @@ from tqdm.auto import tqdm
 
 from radialog_rl.calibration.prompts import CONFIDENCE_SCALES, qa_sft_target
 from radialog_rl.data.images import make_synthetic_chest_xray
+from radialog_rl.data.text_lines import NOT_UTF8, numbered_lines
 from radialog_rl.errors import ConfigError, DataError
 
 __all__ = [
@@ -546,15 +547,16 @@ def read_task_rows(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     if not path.is_file():
         raise DataError(f"task file not found: {path}")
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path} line {number}: invalid JSON: {e.msg}") from e
-            if not isinstance(row, dict):
-                raise DataError(f"{path} line {number}: expected a JSON object")
-            rows.append(row)
+    for number, line in numbered_lines(path):  # the shared reader: BOM and non-UTF-8 lines handled
+        if line is None:
+            raise DataError(f"{path} line {number}: {NOT_UTF8}")
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path} line {number}: invalid JSON: {e.msg}") from e
+        if not isinstance(row, dict):
+            raise DataError(f"{path} line {number}: expected a JSON object")
+        rows.append(row)
     return rows
