@@ -259,3 +259,9 @@ def test_system_prompt_is_configurable_and_shared_by_sft(tiny_release, qa_data, 
         train, _ = build_datasets(config, tiny_tokenizer, default.unwrapped.llava.config)
         lengths.append(len(train[0]["input_ids"]))
     assert n_system - 2 <= lengths[0] - lengths[1] <= n_system + 2
+
+
+def test_best_metric_must_be_an_eval_metric():
+    assert PPOConfig(best_metric="eval/auroc").best_metric == "eval/auroc"
+    with pytest.raises(ConfigError, match="best_metric"):
+        PPOConfig(best_metric="auc")  # a typo would otherwise never select a best step

@@ -24,6 +24,7 @@ from radialog_rl.training.config_schema import (
     PositiveInt,
     RunSection,
 )
+from radialog_rl.training.ppo.evaluation import EVAL_METRICS
 from radialog_rl.training.ppo.losses import KL_KINDS
 
 __all__ = ["ENTRY_POINTS", "PPOConfig", "load_ppo_config"]
@@ -188,6 +189,13 @@ class PPOConfig(RunSection, LoraSection, ModelSection):  # fields: model, LoRA, 
     """Write metrics every this many steps."""
     tensorboard: bool = True
     """Also log to TensorBoard (when installed)."""
+
+    @field_validator("best_metric")
+    @classmethod
+    def _known_eval_metric(cls, value: str | None) -> str | None:
+        if value is not None and value.removeprefix("eval/") not in EVAL_METRICS:
+            raise ValueError(f"must be one of {', '.join(EVAL_METRICS)} (the held-out eval metrics)")
+        return value
 
     @field_validator("accuracy_scorer")
     @classmethod

@@ -16,6 +16,9 @@ from radialog_rl.calibration.metrics import compute_calibration
 from radialog_rl.calibration.parsing import parse_confidence
 from radialog_rl.calibration.rewards import row_accuracy
 
+#: The scalar metrics of :func:`evaluation_table` (what ``best_metric`` may name).
+EVAL_METRICS = ("accuracy", "answer_parse_failure_rate", "parse_failure_rate", "ece", "brier", "auroc",
+                "sigma_cbnd", "d_nckl", "mean_confidence")
 #: Metrics where smaller is better (``best_mode: auto``); every other metric is maximised.
 MINIMISED_METRICS = frozenset({"ece", "brier", "sigma_cbnd", "d_nckl", "parse_failure_rate", "kl"})
 
@@ -58,7 +61,7 @@ def evaluation_table(
         "accuracy": sum(correct) / len(correct) if correct else math.nan,
         "answer_parse_failure_rate": unparsable / len(texts) if texts else math.nan,
     }
-    for key in ("parse_failure_rate", "ece", "brier", "auroc", "sigma_cbnd", "d_nckl", "mean_confidence"):
+    for key in EVAL_METRICS[2:]:  # the rest come from the calibration report
         metrics[key] = report.get(key)
     metrics["groups"] = {key: _group_table(per_row, key, scale) for key in group_by}
     return metrics, per_row
