@@ -47,6 +47,7 @@ from radialog_rl.constants import DEFAULT_IMAGE_TOKEN
 from radialog_rl.data.prompts import build_prompt, report_prompt
 from radialog_rl.errors import ConfigError, DataError
 from radialog_rl.loading.tokenizer import batch_tokenize_image_prompts
+from radialog_rl.modeling.llava import unwrap_llava
 
 __all__ = [
     "FinishReason",
@@ -279,19 +280,9 @@ def encode_image_features(
 
 
 def _unwrap(model) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """``(policy, llava)``: what to run, and the ``LlavaLlamaForCausalLM`` inside it.
-
-    Accepts the model itself, a PEFT ``PeftModel`` of it (LoRA applied) or a value-head wrapper with
-    a ``pretrained_model`` (TRL's attribute name). The LoRA layers live inside the LLaVA modules, so
-    image encoding and embedding on the inner model are the same as through the wrapper.
-    """
-    policy = getattr(model, "pretrained_model", model)
-    get_base = getattr(policy, "get_base_model", None)
-    llava = get_base() if callable(get_base) else policy
-    if not hasattr(llava, "encode_images") or not hasattr(llava, "prepare_multimodal_inputs"):
-        raise ConfigError(f"{type(llava).__name__} is not a LlavaLlamaForCausalLM (no encode_images); "
-                          "load the model with radialog_rl's loaders")
-    return policy, llava
+    """``(policy, llava)``: what to run (a value head's ``pretrained_model``, else the model itself),
+    and the ``LlavaLlamaForCausalLM`` inside it (:func:`~radialog_rl.modeling.llava.unwrap_llava`)."""
+    return getattr(model, "pretrained_model", model), unwrap_llava(model)
 
 
 def _check_settings(prompts, max_new_tokens, do_sample, temperature, top_k, top_p, batch_size) -> None:

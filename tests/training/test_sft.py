@@ -120,20 +120,21 @@ def test_qlora_gradients_match_a_dequantized_fp32_reference(tiny_release, sft_da
 
     from radialog_rl.data.datasets import SFTCollator
 
-    q_model = build_sft_model(make_config(tiny_release, sft_data, tmp_path, precision="4bit"))
+    q_bundle = build_sft_model(make_config(tiny_release, sft_data, tmp_path, precision="4bit"))
+    q_model = q_bundle.model
     dequantized = {
         name: bnb.functional.dequantize_4bit(m.weight.data, m.weight.quant_state).float()
         for name, m in q_model.named_modules() if isinstance(m, bnb.nn.Linear4bit)
     }
     assert len(dequantized) == 2 * 7
-    ref_model = build_sft_model(make_config(tiny_release, sft_data, tmp_path, precision="16bit"))
+    ref_model = build_sft_model(make_config(tiny_release, sft_data, tmp_path, precision="16bit")).model
     with torch.no_grad():
         for name, weight in dequantized.items():
             ref_model.get_submodule(name).weight.copy_(weight)
 
-    dataset, _ = build_datasets(make_config(tiny_release, sft_data, tmp_path), q_model.tokenizer,
-                                q_model.get_base_model().config)
-    batch = SFTCollator(q_model.tokenizer.pad_token_id)([dataset[0], dataset[1]])
+    dataset, _ = build_datasets(make_config(tiny_release, sft_data, tmp_path), q_bundle.tokenizer,
+                                q_bundle.llava.config)
+    batch = SFTCollator(q_bundle.tokenizer.pad_token_id)([dataset[0], dataset[1]])
     with torch.no_grad():  # the eval forward that used to repack 4-bit weights in place on CPU
         q_model.eval()(**batch)
     grads = []

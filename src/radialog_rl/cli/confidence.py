@@ -176,31 +176,26 @@ def run(args: argparse.Namespace) -> int:
         logger.warning("--probe-train is ignored: the probe method is not selected and there is no --probe-out")
         args.probe_train = None
 
-    from radialog_rl.cli.generate import _apply_lora
+    from radialog_rl.cli.generate import load_inference_model
     from radialog_rl.confidence.estimate import estimate_confidence, train_probe
     from radialog_rl.confidence.probe import ConfidenceProbe
     from radialog_rl.confidence.samples import load_labelled_jsonl
     from radialog_rl.confidence.table import format_comparison_table, method_reports
-    from radialog_rl.loading.release import load_baseline_llava_model_with_vision_modules
 
     samples = load_labelled_jsonl(args.data)
     train_samples = load_labelled_jsonl(args.probe_train) if args.probe_train is not None else None
     probe = ConfidenceProbe.load(args.probe) if args.probe is not None and "probe" in methods else None
 
-    model = load_baseline_llava_model_with_vision_modules(
-        args.model_path, args.model_base, precision=args.precision, device=args.device,
-        dtype=args.dtype, vision_tower_path=args.vision_tower_path,
-    )
-    model = _apply_lora(model, args)
-    model.eval()
+    bundle = load_inference_model(args)
+    model, tokenizer = bundle.model, bundle.tokenizer
 
     if train_samples is not None:
-        probe = train_probe(model, model.tokenizer, train_samples, feature_config=config.probe_features,
+        probe = train_probe(model, tokenizer, train_samples, feature_config=config.probe_features,
                             config=config, heldout_fraction=args.probe_heldout, seed=args.seed)
         if args.probe_out is not None:
             logger.info("saved the probe to %s", probe.save(args.probe_out))
 
-    results = estimate_confidence(model, model.tokenizer, samples, methods, probe=probe, config=config)
+    results = estimate_confidence(model, tokenizer, samples, methods, probe=probe, config=config)
     for method, path in outputs.items():
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("w", encoding="utf-8") as fh:

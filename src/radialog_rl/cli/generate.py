@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from radialog_rl.cli.arguments import positive_int
+from radialog_rl.constants import RADIALOG_HUB_ID
 
 logger = logging.getLogger(__name__)
 
@@ -134,31 +135,46 @@ def _collect_images(specs: list[str]) -> list[Path]:
     return paths
 
 
-def _apply_lora(model, args: argparse.Namespace):
-    """Attach ``--lora`` or the release's adapter (merged at 16-bit); the model unchanged if none."""
+def _adapter(args: argparse.Namespace, release_dir: Path) -> str | Path:
+    """``--lora``, else the release's adapter when it has one, else none."""
     from radialog_rl.errors import ConfigError
-    from radialog_rl.loading.adapters import ADAPTER_FILES, attach_lora
+    from radialog_rl.loading.adapters import ADAPTER_FILES
+    from radialog_rl.loading.bundle import ADAPTER_NONE
     from radialog_rl.loading.files import find_first
 
     if args.lora and args.no_lora:
         raise ConfigError("--lora and --no-lora contradict each other; pass one")
-    adapter = args.lora
-    if adapter is None and not args.no_lora:
-        release_dir = Path(model.loading_info.model_path)
-        adapter = release_dir if find_first(release_dir, ADAPTER_FILES) else None
-    if adapter is None:
-        logger.info("no LoRA adapter applied")
-        return model
-    tokenizer = model.tokenizer
-    peft_model = attach_lora(model, adapter, trainable=False)
-    if args.precision == "16bit":
-        model = peft_model.merge_and_unload()
-        model.tokenizer = tokenizer
-        logger.info("LoRA adapter %s merged", adapter)
-        return model
-    peft_model.tokenizer = tokenizer
-    logger.info("LoRA adapter %s applied", adapter)
-    return peft_model
+    if args.lora is not None:
+        return args.lora
+    if not args.no_lora and release_dir.is_dir() and find_first(release_dir, ADAPTER_FILES):
+        return release_dir
+    return ADAPTER_NONE
+
+
+def load_inference_model(args: argparse.Namespace):
+    """The model the model arguments name (``--model-path``, ``--lora``/``--no-lora``, precision...),
+    as a :class:`~radialog_rl.loading.bundle.LoadedModel` in eval mode.
+
+    A 16-bit model gets the adapter merged (faster generation); a quantised one keeps it applied
+    (merging would re-quantise the weights).
+    """
+    from radialog_rl.loading.bundle import ADAPTER_NONE, ModelSpec, load_model
+    from radialog_rl.loading.files import resolve_model_dir
+
+    started = time.perf_counter()
+    release_dir = resolve_model_dir(args.model_path or RADIALOG_HUB_ID, what="RaDialog release",
+                                    required_files=["config.json"])
+    adapter = _adapter(args, release_dir)
+    bundle = load_model(ModelSpec(
+        model_path=release_dir, model_base=args.model_base, precision=args.precision, device=args.device,
+        dtype=args.dtype, vision_tower_path=args.vision_tower_path, adapter=adapter,
+        merge=adapter != ADAPTER_NONE and args.precision == "16bit",
+    ))
+    logger.info("LoRA adapter: %s", "none" if bundle.adapter is None else
+                f"{bundle.adapter} ({'merged' if args.precision == '16bit' else 'applied'})")
+    logger.info("model loaded in %.1f s", time.perf_counter() - started)
+    bundle.model.eval()
+    return bundle
 
 
 def run(args: argparse.Namespace) -> int:
@@ -177,19 +193,10 @@ def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from radialog_rl.generation import generate
-    from radialog_rl.loading.release import load_baseline_llava_model_with_vision_modules
 
-    started = time.perf_counter()
-    model = load_baseline_llava_model_with_vision_modules(
-        args.model_path, args.model_base, precision=args.precision, device=args.device,
-        dtype=args.dtype, vision_tower_path=args.vision_tower_path,
-    )
-    model = _apply_lora(model, args)
-    logger.info("model loaded in %.1f s", time.perf_counter() - started)
-    # RaDialog's preprocessing is resize 512 / crop 448; other towers keep that ratio.
-    crop = int(model.get_base_model().config.image_size if hasattr(model, "get_base_model")
-               else model.config.image_size)
-    resize = round(crop * 512 / 448)
+    bundle = load_inference_model(args)
+    model, tokenizer = bundle.model, bundle.tokenizer
+    resize, crop = bundle.image_sizes.resize, bundle.image_sizes.crop
 
     if args.seed is not None:  # one stream for the whole run: reproducible for a given batch size
         import torch
@@ -207,7 +214,7 @@ def run(args: argparse.Namespace) -> int:
                 continue
             t0 = time.perf_counter()
             results = generate(
-                model, model.tokenizer, [prompt] * len(batch), images,
+                model, tokenizer, [prompt] * len(batch), images,
                 max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
                 temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                 stop_strings=args.stop,

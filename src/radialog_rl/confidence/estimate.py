@@ -35,10 +35,11 @@ from radialog_rl.confidence.seqprob import (
     sequence_confidence,
 )
 from radialog_rl.confidence.verbalized import verbalized_confidence
-from radialog_rl.data.images import load_chest_xray
+from radialog_rl.data.images import ImageSizes, load_chest_xray
 from radialog_rl.data.prompts import SYSTEM_PROMPT, build_prompt
 from radialog_rl.errors import ConfigError, DataError
-from radialog_rl.generation import _eos_ids, _unwrap, encode_image_features, generate
+from radialog_rl.generation import _eos_ids, encode_image_features, generate
+from radialog_rl.modeling.llava import unwrap_llava
 
 __all__ = ["EstimateConfig", "estimate_confidence", "probe_training_data", "train_probe"]
 
@@ -87,16 +88,9 @@ class _Batch:
     scored: ScoredResponses | None = None  # the scoring pass, kept when a probe needs its hidden states
 
 
-def _image_sizes(model) -> tuple[int, int]:
-    """``(resize, crop)`` for the model's tower: RaDialog's 512 -> 448 ratio."""
-    _, llava = _unwrap(model)
-    crop = int(llava.config.image_size)
-    return round(crop * 512 / 448), crop
-
-
 def _encode(model, samples: Sequence[LabelledSample]) -> torch.Tensor:
-    resize, crop = _image_sizes(model)
-    load = lambda p: load_chest_xray(p, resize=resize, crop=crop)  # noqa: E731
+    sizes = ImageSizes.for_crop(unwrap_llava(model).config.image_size)
+    load = lambda p: load_chest_xray(p, resize=sizes.resize, crop=sizes.crop)  # noqa: E731
     images = torch.stack([load(s.image) for s in samples])
     priors = None
     if any(s.prior_image is not None for s in samples):

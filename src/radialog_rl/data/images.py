@@ -58,6 +58,7 @@ __all__ = [
     "DEFAULT_RESIZE",
     "IMAGE_EXTENSIONS",
     "ImageLimits",
+    "ImageSizes",
     "collect_image_paths",
     "image_header_size",
     "image_limits",
@@ -91,6 +92,21 @@ _DICOM_DECODER_HINT = (
 #: RaDialog's defaults: shorter side to 512, then a 448 x 448 centre crop (BioViL-T's input size).
 DEFAULT_RESIZE = 512
 DEFAULT_CROP = 448
+
+
+@dataclass(frozen=True)
+class ImageSizes:
+    """Preprocessing sizes in pixels: shorter side resized to ``resize``, then a ``crop`` square."""
+
+    resize: int
+    crop: int
+
+    @classmethod
+    def for_crop(cls, crop: int) -> "ImageSizes":
+        """RaDialog's 512 -> 448 ratio at any tower input size (``crop`` = the config's
+        ``image_size``): 448 -> 512, 128 -> 146."""
+        crop = int(crop)
+        return cls(resize=round(crop * DEFAULT_RESIZE / DEFAULT_CROP), crop=crop)
 
 
 # --------------------------------------------------------------------------------------------------

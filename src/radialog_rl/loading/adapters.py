@@ -9,10 +9,11 @@
   frozen ``reference`` copy for PPO.
 - :func:`prepare_quantized_for_training`: k-bit preparation, then the vision tower and projector cast
   back to the compute dtype (PEFT's helper upcasts every non-quantised weight to fp32).
-- Entry points: ``load_pretrained_llava_model_for_sft_training``,
-  ``load_pretrained_llava_model_for_ppo_training``,
-  ``load_pretrained_llava_model_for_ppo_training_with_fresh_lora_adapters``,
-  ``add_value_head_to_LlavaLlamaForCausalLM_model``; merging lives in :mod:`.export`.
+- :func:`add_value_head_to_LlavaLlamaForCausalLM_model` / :func:`load_value_head` /
+  :func:`save_value_head_model`: the scalar value head (TRL's layout).
+
+The research code's training entry points live in :mod:`.entry_points`; the one loader behind them
+is :func:`radialog_rl.loading.bundle.load_model`; merging lives in :mod:`.export`.
 """
 
 from __future__ import annotations
@@ -27,16 +28,10 @@ import torch
 from torch import nn
 
 from radialog_rl.constants import RADIALOG_HUB_ID
-from radialog_rl.errors import CheckpointError, ConfigError
+from radialog_rl.errors import CheckpointError
 from radialog_rl.loading.files import find_first, load_tensor_file, resolve_model_dir, save_tensor_file
-from radialog_rl.loading.keys import KeyReport
-from radialog_rl.loading.release import load_baseline_llava_model_with_vision_modules
-from radialog_rl.modeling.value_head import (
-    REFERENCE_ADAPTER_NAME,
-    REFERENCE_DISABLE_ADAPTER,
-    REFERENCE_FROZEN_COPY,
-    LlavaWithValueHead,
-)
+from radialog_rl.loading.keys import KeyReport, load_state_dict_checked
+from radialog_rl.modeling.value_head import REFERENCE_ADAPTER_NAME, LlavaWithValueHead, ReferenceMode
 
 logger = logging.getLogger(__name__)
 
@@ -257,7 +252,7 @@ def add_value_head_to_LlavaLlamaForCausalLM_model(  # noqa: N802 (the research c
     value_head_path: str | os.PathLike | None = None,
     *,
     dropout: float = 0.0,
-    reference_mode: str | None = None,
+    reference_mode: ReferenceMode | str | None = None,
 ) -> LlavaWithValueHead:
     """Wrap a (PEFT) LLaVA model with a zero-initialised scalar value head, or load a saved one.
 
@@ -287,8 +282,6 @@ def load_value_head(model: LlavaWithValueHead, path: str | os.PathLike) -> None:
     extra = [k for k in state if k.removeprefix("base_model.model.") not in TRL_VALUE_HEAD_KEYS]
     if extra and path.name == VALUE_HEAD_FILE:
         raise CheckpointError(f"value head file {path} has unexpected keys: {', '.join(extra[:6])}")
-    from radialog_rl.loading.keys import load_state_dict_checked
-
     load_state_dict_checked(
         model.v_head, {k.removeprefix("v_head."): v for k, v in head.items()}, what=f"value head {path}"
     )
@@ -305,16 +298,12 @@ def save_value_head_model(model: LlavaWithValueHead, directory: str | os.PathLik
     return directory
 
 
-# -- the entry points --------------------------------------------------------------------------------
+# -- adapter location --------------------------------------------------------------------------------
 
 
-def _device(device_str, device):
-    if device_str is not None and device is not None and str(device_str) != str(device):
-        raise ConfigError(f"device_str={device_str!r} and device={device!r} disagree; pass one")
-    return device if device is not None else device_str
-
-
-def _radialog_adapter_path(radialog_lora_weights_path, model_path) -> Path:
+def radialog_adapter_path(radialog_lora_weights_path, model_path) -> Path:
+    """The adapter to load: ``radialog_lora_weights_path`` when given (it must exist), else the one
+    inside the RaDialog release ``model_path`` (default RaDialog's hub id)."""
     if radialog_lora_weights_path is not None:
         path = Path(radialog_lora_weights_path)
         if not path.exists():
@@ -324,101 +313,3 @@ def _radialog_adapter_path(radialog_lora_weights_path, model_path) -> Path:
         model_path or RADIALOG_HUB_ID, what="RaDialog release",
         required_files=["adapter_model.safetensors|adapter_model.bin"],
     )
-
-
-def _baseline(model_path, model_base, precision, device, device_map, gradient_checkpointing=False,
-              dtype=None):
-    model = load_baseline_llava_model_with_vision_modules(
-        model_path, model_base, precision=precision, device=device, device_map=device_map, dtype=dtype
-    )
-    tokenizer = model.tokenizer
-    model = prepare_quantized_for_training(model, gradient_checkpointing)
-    return model, tokenizer
-
-
-def load_pretrained_llava_model_for_sft_training(
-    device_str: str | None = None,
-    precision: str = "16bit",
-    radialog_lora_weights_path: str | os.PathLike | None = None,
-    *,
-    model_path: str | os.PathLike | None = None,
-    model_base: str | os.PathLike | None = None,
-    device: str | torch.device | None = None,
-    device_map: str | dict | None = None,
-    gradient_checkpointing: bool = False,
-    dtype: str | torch.dtype | None = None,
-):
-    """RaDialog (baseline + vision modules) with its LoRA attached and trainable, for SFT.
-
-    ``radialog_lora_weights_path=None`` means the adapter inside ``model_path``. ``dtype`` is the
-    compute dtype (bf16 default). Returns a ``PeftModel`` (``.tokenizer`` attached).
-    """
-    model, tokenizer = _baseline(model_path, model_base, precision, _device(device_str, device),
-                                 device_map, gradient_checkpointing, dtype)
-    peft_model = attach_lora(model, _radialog_adapter_path(radialog_lora_weights_path, model_path))
-    peft_model.tokenizer = tokenizer
-    return peft_model
-
-
-def load_pretrained_llava_model_for_ppo_training(
-    device_str: str | None = None,
-    precision: str = "16bit",
-    radialog_lora_weights_path: str | os.PathLike | None = None,
-    *,
-    model_path: str | os.PathLike | None = None,
-    model_base: str | os.PathLike | None = None,
-    device: str | torch.device | None = None,
-    device_map: str | dict | None = None,
-    gradient_checkpointing: bool = False,
-    value_head_path: str | os.PathLike | None = None,
-    dtype: str | torch.dtype | None = None,
-) -> LlavaWithValueHead:
-    """RaDialog + its LoRA (trainable) + a fresh value head + a frozen reference copy of the LoRA.
-
-    The reference is the frozen copy because the starting policy is RaDialog's adapter on the
-    original base: disabling the adapter would give plain LLaVA, not RaDialog.
-    """
-    model, tokenizer = _baseline(model_path, model_base, precision, _device(device_str, device),
-                                 device_map, gradient_checkpointing, dtype)
-    peft_model = attach_lora(model, _radialog_adapter_path(radialog_lora_weights_path, model_path),
-                             reference_copy=True)
-    wrapped = add_value_head_to_LlavaLlamaForCausalLM_model(
-        peft_model, value_head_path, reference_mode=REFERENCE_FROZEN_COPY
-    )
-    logger.info("PPO reference policy: frozen copy of RaDialog's adapter (pretrained adapter is the start)")
-    wrapped.tokenizer = tokenizer
-    return wrapped
-
-
-def load_pretrained_llava_model_for_ppo_training_with_fresh_lora_adapters(
-    llava_model_path: str | os.PathLike | None = None,
-    device_str: str | None = None,
-    precision: str = "16bit",
-    adapter_path: str | os.PathLike | None = None,
-    *,
-    device: str | torch.device | None = None,
-    device_map: str | dict | None = None,
-    value_head_path: str | os.PathLike | None = None,
-    lora_config=None,
-    gradient_checkpointing: bool = False,
-    dtype: str | torch.dtype | None = None,
-) -> LlavaWithValueHead:
-    """A merged SFT model directory + fresh LoRA (or ``adapter_path`` to resume) + value head.
-
-    The reference is the adapter disabled, i.e. the merged SFT model: exactly the initial policy
-    for a fresh adapter.
-    """
-    if llava_model_path is None:
-        raise ConfigError(
-            "llava_model_path is required: a merged model directory written by "
-            "save_lora_merged_llava_model_to_local_dir (or `radialog-rl merge`)"
-        )
-    model, tokenizer = _baseline(llava_model_path, llava_model_path, precision,
-                                 _device(device_str, device), device_map, gradient_checkpointing, dtype)
-    peft_model = attach_lora(model, adapter_path, lora_config=lora_config)
-    wrapped = add_value_head_to_LlavaLlamaForCausalLM_model(
-        peft_model, value_head_path, reference_mode=REFERENCE_DISABLE_ADAPTER
-    )
-    logger.info("PPO reference policy: adapter disabled (the merged SFT base is the start)")
-    wrapped.tokenizer = tokenizer
-    return wrapped

@@ -12,11 +12,11 @@ import torch
 
 def adapters_demo_section(ctx) -> None:
     """Build the SFT model and both PPO models, merge, reload, and print the max logit difference."""
-    from radialog_rl.loading.adapters import (
+    from radialog_rl.loading.adapters import trainable_parameter_report
+    from radialog_rl.loading.entry_points import (
         load_pretrained_llava_model_for_ppo_training,
         load_pretrained_llava_model_for_ppo_training_with_fresh_lora_adapters,
         load_pretrained_llava_model_for_sft_training,
-        trainable_parameter_report,
     )
     from radialog_rl.loading.export import save_lora_merged_llava_model_to_local_dir
     from radialog_rl.loading.release import load_baseline_llava_model_with_vision_modules

@@ -24,6 +24,8 @@ import torch
 
 from radialog_rl.atomic_dir import atomic_dir, is_inside
 from radialog_rl.errors import ConfigError
+from radialog_rl.loading.adapters import radialog_adapter_path
+from radialog_rl.loading.bundle import ModelSpec, load_model
 from radialog_rl.loading.files import save_tensor_file
 from radialog_rl.loading.release import PROJECTOR_PREFIX, VISION_PREFIX
 
@@ -117,21 +119,16 @@ def save_lora_merged_llava_model_to_local_dir(
     Returns:
         The output directory.
     """
-    from radialog_rl.loading.adapters import _radialog_adapter_path, attach_lora
-    from radialog_rl.loading.release import load_baseline_llava_model_with_vision_modules
-
     if precision != "16bit" and not force:
         raise ConfigError(
             f"refusing to merge into a {precision} base: that re-quantises the merged weights. Merge "
             "in 16-bit (the default) or pass force=True"
         )
-    adapter = _radialog_adapter_path(radialog_lora_weights_path, model_path)  # fail before loading
+    adapter = radialog_adapter_path(radialog_lora_weights_path, model_path)  # fail before loading
     check_export_destination(model_save_name, overwrite)
-    model = load_baseline_llava_model_with_vision_modules(
-        model_path, model_base, precision=precision, device=device, dtype=dtype
-    )
-    tokenizer = model.tokenizer
-    peft_model = attach_lora(model, adapter, trainable=False)
-    merged = peft_model.merge_and_unload()
+    bundle = load_model(ModelSpec(model_path=model_path, model_base=model_base, precision=precision,
+                                  device=device, dtype=dtype, adapter=adapter))
+    # force=True: merge even a quantised base (the bundle refuses that by default).
+    merged = bundle.model.merge_and_unload()
     merged.config.use_cache = True
-    return save_merged_model(merged, tokenizer, model_save_name, overwrite=overwrite)
+    return save_merged_model(merged, bundle.tokenizer, model_save_name, overwrite=overwrite)

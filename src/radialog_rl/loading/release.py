@@ -1,6 +1,7 @@
 """RaDialog release + base LLaVA -> a ready ``LlavaLlamaForCausalLM`` (``docs/checkpoint-format.md`` §1-§6).
 
-:func:`load_baseline_llava_model_with_vision_modules` runs these steps, each a public function:
+:func:`load_release` runs these steps, each a public function (the research code's name for it,
+:func:`load_baseline_llava_model_with_vision_modules`, returns the model alone):
 
 1. :func:`load_llava_config`: RaDialog's ``config.json`` read with our config class (legacy
    ``"model_type": "llava"`` never goes through ``AutoConfig``).
@@ -14,7 +15,7 @@
    carry one (or an explicit, opted-in random initialisation).
 6. :func:`modify_model_for_image_input`: token embeddings resized to the tokenizer (mean-resizing,
    never uninitialised memory).
-7. everything frozen, eval mode; a :class:`LoadingInfo` on ``model.loading_info``.
+7. everything frozen, eval mode; a :class:`LoadingInfo` reporting where each part came from.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from radialog_rl.loading.keys import (
     normalize_non_lora_keys,
     strip_prefix,
 )
-from radialog_rl.loading.precision import guard_cpu_4bit_layers, precision_spec
+from radialog_rl.loading.precision import PrecisionSpec, guard_cpu_4bit_layers, precision_spec
 from radialog_rl.loading.tokenizer import load_pretrained_llava_tokenizer_with_image_support
 from radialog_rl.modeling.llava import LlavaLlamaConfig, LlavaLlamaForCausalLM
 from radialog_rl.modeling.projector import build_mm_projector, projector_input_dim
@@ -258,6 +259,34 @@ def load_baseline_llava_model_with_vision_modules(
     tokenizer=None,
     local_files_only: bool | None = None,
 ) -> LlavaLlamaForCausalLM:
+    """The research code's loader: :func:`load_release`, with the tokenizer and the loading report
+    attached to the model as ``model.tokenizer`` / ``model.loading_info`` (what its scripts read).
+
+    Inside the package, :func:`radialog_rl.loading.bundle.load_model` is used instead; it returns
+    them in a :class:`~radialog_rl.loading.bundle.LoadedModel`. Arguments as :func:`load_release`.
+    """
+    model, tokenizer, info = load_release(
+        model_path, model_base, precision_spec(precision, dtype), device, device_map,
+        vision_tower_path=vision_tower_path, allow_random_init=allow_random_init, tokenizer=tokenizer,
+        local_files_only=local_files_only,
+    )
+    model.loading_info = info
+    model.tokenizer = tokenizer
+    return model
+
+
+def load_release(
+    model_path: str | os.PathLike | None = None,
+    model_base: str | os.PathLike | None = None,
+    precision: PrecisionSpec | None = None,
+    device: str | torch.device | None = None,
+    device_map: str | dict | None = None,
+    *,
+    vision_tower_path: str | os.PathLike | None = None,
+    allow_random_init: bool = False,
+    tokenizer=None,
+    local_files_only: bool | None = None,
+) -> tuple[LlavaLlamaForCausalLM, object, LoadingInfo]:
     """Load RaDialog's network without its LoRA: base LLaVA + RaDialog config + non-LoRA weights.
 
     Args:
@@ -266,12 +295,13 @@ def load_baseline_llava_model_with_vision_modules(
             directory written by ``save_lora_merged_llava_model_to_local_dir`` also works.
         model_base: base LLaVA-1.5 directory or hub id (weights + tokenizer); default
             ``liuhaotian/llava-v1.5-7b``. May equal ``model_path`` for a merged directory.
-        precision: "16bit", "8bit" or "4bit" (bitsandbytes nf4 + double quantisation).
+        precision: a :class:`PrecisionSpec` (``precision_spec("4bit", "bf16")``; default 16-bit bf16):
+            "16bit", "8bit" or "4bit" (bitsandbytes nf4 + double quantisation) and the compute dtype
+            ("bf16" default, "fp16", "fp32"); the projector, vision tower and ``lm_head`` are never
+            quantised and end up in it.
         device: where to put the model (default cuda when available, else cpu); ignored when
             ``device_map`` is given.
         device_map: passed to ``from_pretrained`` (e.g. "auto").
-        dtype: compute dtype ("bf16" default, "fp16", "fp32"); the projector, vision tower and
-            ``lm_head`` are never quantised and end up in it.
         vision_tower_path: BioViL-T ``.pt`` used when ``non_lora_trainables`` has no tower.
         allow_random_init: opt in to a randomly initialised projector / tower when their weights are
             missing (only sensible for new pretraining); otherwise that is an error.
@@ -279,9 +309,10 @@ def load_baseline_llava_model_with_vision_modules(
         local_files_only: never download (default: ``HF_HUB_OFFLINE``).
 
     Returns:
-        The model, frozen and in eval mode, with ``model.loading_info`` (:class:`LoadingInfo`).
+        ``(model, tokenizer, info)``: the model frozen and in eval mode, the image-ready tokenizer its
+        embeddings were sized against, and a :class:`LoadingInfo`.
     """
-    spec = precision_spec(precision, dtype)
+    spec = precision if precision is not None else precision_spec()
     model_path = model_path or RADIALOG_HUB_ID
     model_base = model_base or LLAVA_BASE_HUB_ID
     release_dir = resolve_model_dir(
@@ -357,10 +388,8 @@ def load_baseline_llava_model_with_vision_modules(
     info.resized_embeddings = modify_model_for_image_input(model, tokenizer)
     model.requires_grad_(False)
     model.eval()
-    model.loading_info = info
-    model.tokenizer = tokenizer
     logger.info("loaded RaDialog model: %s", info.summary())
-    return model
+    return model, tokenizer, info
 
 
 def _from_pretrained(base_dir: Path, config: LlavaLlamaConfig, spec, device_map):

@@ -436,6 +436,25 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM):
         return super().generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
 
+def unwrap_llava(model: nn.Module) -> LlavaLlamaForCausalLM:
+    """The ``LlavaLlamaForCausalLM`` inside ``model``: itself, a PEFT ``PeftModel`` of it, or a
+    value-head wrapper (TRL's ``pretrained_model`` attribute) around either.
+
+    The LoRA layers live inside the LLaVA modules, so image encoding and embedding on the inner
+    model are the same as through the wrappers.
+
+    Raises:
+        ConfigError: ``model`` holds no ``LlavaLlamaForCausalLM`` (e.g. transformers' own LLaVA).
+    """
+    inner = getattr(model, "pretrained_model", model)
+    get_base = getattr(inner, "get_base_model", None)
+    llava = get_base() if callable(get_base) else inner
+    if not isinstance(llava, LlavaLlamaForCausalLM):
+        raise ConfigError(f"{type(llava).__name__} is not a LlavaLlamaForCausalLM (no encode_images); "
+                          "load the model with radialog_rl's loaders")
+    return llava
+
+
 AutoConfig.register("llava_llama", LlavaLlamaConfig)
 AutoModelForCausalLM.register(LlavaLlamaConfig, LlavaLlamaForCausalLM)
 
@@ -447,4 +466,5 @@ __all__ = [
     "expand_image_tokens",
     "count_image_placeholders",
     "position_ids_from_attention_mask",
+    "unwrap_llava",
 ]

@@ -16,6 +16,7 @@ starting policy: disabling it would give plain LLaVA). ``reference_mode`` record
 from __future__ import annotations
 
 import contextlib
+import enum
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,10 +24,29 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from radialog_rl.modeling.llava import unwrap_llava
+
 logger = logging.getLogger(__name__)
 
-REFERENCE_DISABLE_ADAPTER = "disable_adapter"
-REFERENCE_FROZEN_COPY = "frozen_adapter_copy"
+
+class ReferenceMode(str, enum.Enum):
+    """How :meth:`LlavaWithValueHead.reference_policy` obtains PPO's reference policy.
+
+    Members compare equal to (and print as) the strings configs, logs and checkpoints have always
+    used (``enum.StrEnum`` would do this, but it needs Python 3.11 and we support 3.10).
+    """
+
+    #: The LoRA adapter disabled: the base already holds the starting (SFT-merged) weights.
+    DISABLE_ADAPTER = "disable_adapter"
+    #: A frozen copy of the starting adapter, named :data:`REFERENCE_ADAPTER_NAME`, made active.
+    FROZEN_COPY = "frozen_adapter_copy"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+REFERENCE_DISABLE_ADAPTER = ReferenceMode.DISABLE_ADAPTER
+REFERENCE_FROZEN_COPY = ReferenceMode.FROZEN_COPY
 REFERENCE_ADAPTER_NAME = "reference"
 
 
@@ -55,10 +75,19 @@ class ValueHeadOutput:
     loss: torch.Tensor | None = None
 
 
-def _llava_of(model: nn.Module) -> nn.Module:
-    """The ``LlavaLlamaForCausalLM`` inside a PEFT wrapper (or the model itself)."""
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
+class _HiddenCapture:
+    """Forward hook that keeps its module's latest output (the value head reads it).
+
+    The hook object, not the wrapper, is what the trunk's ``model.norm`` holds, so the policy never
+    keeps a discarded wrapper alive, and ``copy.deepcopy`` of a wrapper gives the copy its own
+    capture (the memo maps this object to the copy's).
+    """
+
+    def __init__(self) -> None:
+        self.output: torch.Tensor | None = None
+
+    def __call__(self, module: nn.Module, args, output: torch.Tensor) -> None:
+        self.output = output
 
 
 class LlavaWithValueHead(nn.Module):
@@ -75,28 +104,42 @@ class LlavaWithValueHead(nn.Module):
         pretrained_model: nn.Module,
         dropout: float = 0.0,
         zero_init: bool = True,
-        reference_mode: str | None = None,
+        reference_mode: ReferenceMode | str | None = None,
     ):
         super().__init__()
         self.pretrained_model = pretrained_model
-        llava = _llava_of(pretrained_model)
+        llava = unwrap_llava(pretrained_model)
         self.config = llava.config
         self.v_head = ValueHead(llava.config.hidden_size, dropout=dropout, zero_init=zero_init)
         device = next(llava.parameters()).device
         self.v_head.to(device=device, dtype=torch.float32)
-        self.reference_mode = reference_mode
-        self._last_hidden: torch.Tensor | None = None
+        self.reference_mode = ReferenceMode(reference_mode) if reference_mode is not None else None
         # The final RMSNorm's output is the last hidden state the LM head sees; a hook captures it
-        # without asking the trunk for every layer's hidden states.
-        llava.model.norm.register_forward_hook(self._capture_last_hidden)
+        # without asking the trunk for every layer's hidden states. The hook goes away with the
+        # wrapper (__del__) or with remove_hook(); the policy is left as it was before.
+        self._capture = _HiddenCapture()
+        llava.model.norm.register_forward_hook(self._capture)
         self.train(pretrained_model.training)
 
-    def _capture_last_hidden(self, module: nn.Module, args, output: torch.Tensor) -> None:
-        self._last_hidden = output
+    def remove_hook(self) -> None:
+        """Detach the value head's capture hook from the policy's ``model.norm`` now (it also goes
+        when the wrapper is garbage collected). The wrapper cannot compute values afterwards."""
+        try:
+            hooks = unwrap_llava(self.pretrained_model).model.norm._forward_hooks
+        except (AttributeError, KeyError):  # half-built or being torn down
+            return
+        for key in [k for k, hook in hooks.items() if hook is self._capture]:
+            del hooks[key]
+
+    def __del__(self) -> None:
+        # Runs when the last reference to the wrapper goes (nothing in the policy refers back).
+        with contextlib.suppress(Exception):
+            self.remove_hook()
 
     @property
     def llava(self) -> nn.Module:
-        return _llava_of(self.pretrained_model)
+        """The ``LlavaLlamaForCausalLM`` inside the policy."""
+        return unwrap_llava(self.pretrained_model)
 
     def forward(self, input_ids=None, attention_mask=None, images=None, prior_images=None,
                 image_features=None, labels=None, **kwargs) -> ValueHeadOutput:
@@ -105,13 +148,14 @@ class LlavaWithValueHead(nn.Module):
         Args are those of ``LlavaLlamaForCausalLM.forward``. Returns :class:`ValueHeadOutput` whose
         ``values [B, T']`` align one-to-one with the logits (image positions included).
         """
-        self._last_hidden = None
+        self._capture.output = None
         out = self.pretrained_model(
             input_ids=input_ids, attention_mask=attention_mask, images=images, prior_images=prior_images,
             image_features=image_features, labels=labels, **kwargs,
         )
-        hidden = self._last_hidden
-        self._last_hidden = None
+        hidden, self._capture.output = self._capture.output, None
+        if hidden is None:
+            raise RuntimeError("the value head's hook is gone (remove_hook was called): rebuild the wrapper")
         values = self.v_head(hidden).float()
         return ValueHeadOutput(logits=out.logits, values=values, loss=getattr(out, "loss", None))
 

@@ -48,7 +48,16 @@ from typing import Any
 import torch
 
 from radialog_rl.atomic_dir import atomic_dir
+from radialog_rl.data.datasets import SFTCollator, SFTDataset, load_sft_jsonl
+from radialog_rl.data.images import ImageSizes
 from radialog_rl.errors import CheckpointError, ConfigError
+from radialog_rl.loading.adapters import attach_lora, radialog_lora_config, trainable_parameter_report
+from radialog_rl.loading.export import save_lora_merged_llava_model_to_local_dir, save_merged_model
+from radialog_rl.loading.files import save_tensor_file
+from radialog_rl.loading.bundle import ADAPTER_FRESH, ADAPTER_RELEASE, LoadedModel, ModelSpec, load_model, merged_base
+from radialog_rl.loading.precision import precision_spec
+from radialog_rl.loading.release import load_non_lora_trainables, load_release
+from radialog_rl.modeling.llava import unwrap_llava
 from radialog_rl.training.preflight import check_rows
 from radialog_rl.training.run_dir import (
     RunLock,
@@ -148,8 +157,6 @@ def build_training_arguments(config: SFTConfig):
     device = resolve_device(config)
     if device == "cpu":
         values["use_cpu"] = True
-    from radialog_rl.loading.precision import precision_spec
-
     compute = precision_spec(config.precision, config.dtype).compute_dtype
     if compute == torch.bfloat16 and device.startswith("cuda") and torch.cuda.is_bf16_supported():
         values["bf16"] = True
@@ -167,74 +174,60 @@ def build_training_arguments(config: SFTConfig):
         raise ConfigError(f"trainer: {' '.join(str(exc).split())}") from exc
 
 
-def build_sft_model(config: SFTConfig):
+def build_sft_model(config: SFTConfig) -> LoadedModel:
     """Load the starting model for SFT: a ``PeftModel`` with adapter ``"default"`` trainable.
 
-    Everything else is frozen except, with ``train_projector``, ``mm_projector`` (cast to fp32:
-    optimiser updates of 16-bit weights lose most of their bits). The tokenizer is attached as
-    ``.tokenizer``; the model comes back in eval mode (the Trainer switches it to train mode).
+    ``radialog_lora``: RaDialog's adapter (or ``adapter_path``) on the release. ``fresh_lora``: a
+    fresh adapter (``lora_*`` fields), or ``adapter_path``, on the release or a merged directory.
+    Everything else is frozen except, with ``train_projector`` / ``train_vision_tower``, those
+    modules (cast to fp32: optimiser updates of 16-bit weights lose most of their bits). The model
+    comes back in eval mode (the Trainer switches it to train mode).
     """
     from transformers import set_seed
 
-    from radialog_rl.loading.adapters import (
-        attach_lora,
-        load_pretrained_llava_model_for_sft_training,
-        prepare_quantized_for_training,
-        radialog_lora_config,
-        trainable_parameter_report,
-    )
-    from radialog_rl.loading.release import load_baseline_llava_model_with_vision_modules
-
     # A fresh adapter's A matrices are random: seed them like the Trainer seeds everything else.
     set_seed(int(config.trainer.get("seed", TRAINER_DEFAULTS["seed"])))
-    device = resolve_device(config)
-    common = dict(precision=config.precision, device=device, device_map=config.device_map, dtype=config.dtype)
+    spec = ModelSpec(
+        model_path=config.model_path, model_base=config.model_base, precision=config.precision,
+        dtype=config.dtype, device=resolve_device(config), device_map=config.device_map,
+        trainable=True, gradient_checkpointing=config.gradient_checkpointing,
+    )
     if config.entry_point == "radialog_lora":
-        model = load_pretrained_llava_model_for_sft_training(
-            radialog_lora_weights_path=config.adapter_path, model_path=config.model_path,
-            model_base=config.model_base, gradient_checkpointing=config.gradient_checkpointing, **common,
-        )
+        spec = spec.with_(adapter=config.adapter_path if config.adapter_path is not None else ADAPTER_RELEASE)
     else:
         if not config.model_path:
             raise ConfigError("entry_point 'fresh_lora' needs model_path (the RaDialog release, or a "
                               "merged directory)")
-        model_base = config.model_base or _merged_base(config.model_path)
-        base = load_baseline_llava_model_with_vision_modules(config.model_path, model_base, **common)
-        tokenizer = base.tokenizer
-        base = prepare_quantized_for_training(base, config.gradient_checkpointing)
         lora_config = None
         if config.adapter_path is None:
             overrides = {"r": config.lora_r, "lora_alpha": config.lora_alpha, "lora_dropout": config.lora_dropout,
                          "target_modules": config.lora_target_modules}
             lora_config = radialog_lora_config(**{k: v for k, v in overrides.items() if v is not None})
-        model = attach_lora(base, config.adapter_path, lora_config=lora_config)
-        model.tokenizer = tokenizer
-    llava = model.get_base_model()
+        spec = spec.with_(model_base=config.model_base or _merged_base(config.model_path),
+                          adapter=config.adapter_path if config.adapter_path is not None else ADAPTER_FRESH,
+                          lora_config=lora_config)
+    bundle = load_model(spec)
     if config.train_projector:
-        llava.model.mm_projector.to(dtype=torch.float32).requires_grad_(True)
+        bundle.llava.model.mm_projector.to(dtype=torch.float32).requires_grad_(True)
     if config.train_vision_tower:
-        llava.model.vision_tower.to(dtype=torch.float32).requires_grad_(True)
+        bundle.llava.model.vision_tower.to(dtype=torch.float32).requires_grad_(True)
     if config.trains_non_lora:
-        trainable_parameter_report(model)
-    return model
+        trainable_parameter_report(bundle.model)
+    return bundle
 
 
-def _merged_base(model_path: str) -> str | None:
+def _merged_base(model_path: str) -> str:
     """``model_base`` for a merged directory: the directory itself when it holds LLM weights."""
-    path = Path(model_path)
-    weights = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-               "pytorch_model.bin.index.json")
-    if path.is_dir() and any((path / name).is_file() for name in weights):
-        return str(path)
-    raise ConfigError(
-        f"model_base is not set and {model_path} holds no LLM weights: give model_base (the base "
-        "LLaVA-1.5 directory) or a merged directory as model_path"
-    )
+    found = merged_base(model_path)
+    if found is None:
+        raise ConfigError(
+            f"model_base is not set and {model_path} holds no LLM weights: give model_base (the base "
+            "LLaVA-1.5 directory) or a merged directory as model_path"
+        )
+    return found
 
 
 def _read_examples(config: SFTConfig):
-    from radialog_rl.data.datasets import load_sft_jsonl
-
     if not config.train_file:
         raise ConfigError("train_file is required (a JSONL file of image conversations)")
     train = load_sft_jsonl(config.train_file)
@@ -259,15 +252,12 @@ def build_datasets(config: SFTConfig, tokenizer, model_config, *, examples=None)
     Images are resized so the shorter side is ``round(image_size * 512 / 448)`` px, then centre
     cropped to ``image_size`` px: RaDialog's 512 -> 448 ratio at any tower size.
     """
-    from radialog_rl.data.datasets import SFTDataset
-    from radialog_rl.data.images import DEFAULT_CROP, DEFAULT_RESIZE
-
     train_examples, eval_examples = examples if examples is not None else _read_examples(config)
     image_size = int(model_config.image_size)
     kwargs = dict(
         num_image_tokens=int(model_config.num_image_tokens),
         image_size=image_size,
-        resize=round(image_size * DEFAULT_RESIZE / DEFAULT_CROP),
+        resize=ImageSizes.for_crop(image_size).resize,
         label_policy=config.label_policy,
         max_length=config.max_length or getattr(model_config, "tokenizer_model_max_length", None),
         overflow=config.overflow,
@@ -280,8 +270,6 @@ def build_datasets(config: SFTConfig, tokenizer, model_config, *, examples=None)
 
 
 def _collator(tokenizer, model_config):
-    from radialog_rl.data.datasets import SFTCollator
-
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else model_config.pad_token_id
     return SFTCollator(pad, padding_side="right")
 
@@ -295,7 +283,7 @@ def projector_state_dict(model) -> dict[str, torch.Tensor]:
     """The projector's tensors under RaDialog's ``non_lora_trainables`` keys
     (``base_model.model.model.mm_projector.*``), and the whole vision tower's
     (``base_model.model.model.vision_tower.*``, BatchNorm statistics included) when it is trained."""
-    llava = model.get_base_model() if hasattr(model, "get_base_model") else model
+    llava = unwrap_llava(model)
     state = {f"base_model.model.model.mm_projector.{k}": v
              for k, v in llava.model.mm_projector.state_dict().items()}
     tower = llava.model.vision_tower
@@ -306,8 +294,6 @@ def projector_state_dict(model) -> dict[str, torch.Tensor]:
 
 def save_projector(model, directory: str | os.PathLike) -> Path:
     """Write :func:`projector_state_dict` to ``directory/non_lora_trainables.safetensors``."""
-    from radialog_rl.loading.files import save_tensor_file
-
     path = Path(directory) / NON_LORA_TRAINABLES_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     save_tensor_file(projector_state_dict(model), path)
@@ -316,13 +302,11 @@ def save_projector(model, directory: str | os.PathLike) -> Path:
 
 def load_projector(model, directory: str | os.PathLike) -> None:
     """Load ``directory/non_lora_trainables.safetensors`` into the model's projector (strict)."""
-    from radialog_rl.loading.release import load_non_lora_trainables
-
     path = Path(directory) / NON_LORA_TRAINABLES_FILE
     if not path.is_file():
         raise CheckpointError(f"{directory} has no {NON_LORA_TRAINABLES_FILE}, but train_projector or train_vision_tower is on: "
                               "was this checkpoint written by a run that trained the projector?")
-    llava = model.get_base_model() if hasattr(model, "get_base_model") else model
+    llava = unwrap_llava(model)
     load_non_lora_trainables(llava, path)
 
 
@@ -381,8 +365,6 @@ def merge_sft_adapter(config: SFTConfig, adapter_dir: str | os.PathLike,
     re-quantise them. With a trained projector the baseline is loaded, the projector replaced, then
     the adapter merged (``save_lora_merged_llava_model_to_local_dir`` takes no projector).
     """
-    from radialog_rl.loading.export import save_lora_merged_llava_model_to_local_dir, save_merged_model
-
     adapter_dir = Path(adapter_dir)
     model_base = config.model_base
     if config.entry_point == "fresh_lora" and not model_base:
@@ -392,13 +374,9 @@ def merge_sft_adapter(config: SFTConfig, adapter_dir: str | os.PathLike,
             out_dir, adapter_dir, model_path=config.model_path, model_base=model_base,
             dtype=config.merge_dtype, device="cpu", overwrite=True,  # merged/ in our run dir is ours
         )
-    from radialog_rl.loading.adapters import attach_lora
-    from radialog_rl.loading.release import load_baseline_llava_model_with_vision_modules
-
-    model = load_baseline_llava_model_with_vision_modules(
-        config.model_path, model_base, precision="16bit", device="cpu", dtype=config.merge_dtype
-    )
-    tokenizer = model.tokenizer
+    # The trained projector / tower go into the base before the adapter is merged on top.
+    model, tokenizer, _ = load_release(config.model_path, model_base, precision_spec("16bit", config.merge_dtype),
+                                       device="cpu")
     load_projector(model, adapter_dir)
     merged = attach_lora(model, adapter_dir, trainable=False).merge_and_unload()
     merged.config.use_cache = True
@@ -497,9 +475,8 @@ def _train_and_save(config: SFTConfig, args, resume: str | None, examples, callb
     from transformers import Trainer
 
     output_dir = Path(args.output_dir)
-    model = build_sft_model(config)
-    tokenizer = model.tokenizer
-    model_config = model.get_base_model().config
+    bundle = build_sft_model(config)
+    model, tokenizer, model_config = bundle.model, bundle.tokenizer, bundle.llava.config
     train_dataset, eval_dataset = build_datasets(config, tokenizer, model_config, examples=examples)
     logger.info("SFT: %d training rows%s; %s", len(train_dataset),
                 f", {len(eval_dataset)} evaluation rows" if eval_dataset else "", output_dir)

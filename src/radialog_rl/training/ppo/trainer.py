@@ -33,7 +33,11 @@ from pathlib import Path
 
 import torch
 
+from radialog_rl.data.images import ImageSizes
 from radialog_rl.errors import ConfigError, RadialogError
+from radialog_rl.loading.adapters import radialog_lora_config
+from radialog_rl.loading.bundle import ADAPTER_FRESH, ADAPTER_RELEASE, LoadedModel, ModelSpec, load_model
+from radialog_rl.modeling.value_head import ReferenceMode
 from radialog_rl.training.ppo import losses as L
 from radialog_rl.training.ppo.config import PPOConfig
 from radialog_rl.training.ppo.kl_control import make_kl_controller
@@ -94,32 +98,36 @@ class Rollout:
         return self.input_ids.shape[1] - self.response_ids.shape[1]
 
 
-def build_ppo_model(config: PPOConfig, device: str | torch.device | None = None):
-    """Load the policy + value head (+ reference) named by ``config.entry_point``."""
-    from radialog_rl.loading.adapters import (
-        load_pretrained_llava_model_for_ppo_training,
-        load_pretrained_llava_model_for_ppo_training_with_fresh_lora_adapters,
-        radialog_lora_config,
-    )
+def build_ppo_model(config: PPOConfig, device: str | torch.device | None = None) -> LoadedModel:
+    """Load the policy + value head + reference named by ``config.entry_point``.
 
+    ``radialog_lora``: RaDialog's adapter is the start, a frozen copy of it the reference.
+    ``fresh_lora``: a fresh adapter on a merged SFT directory, the adapter disabled the reference.
+    """
     device = device or config.device
+    common = dict(precision=config.precision, dtype=config.dtype, device=device, trainable=True,
+                  gradient_checkpointing=config.gradient_checkpointing, value_head=True,
+                  value_head_path=config.value_head_path)
     if config.entry_point == "radialog_lora":
-        return load_pretrained_llava_model_for_ppo_training(
-            device, config.precision, config.adapter_path, model_path=config.model_path,
-            model_base=config.model_base, value_head_path=config.value_head_path, dtype=config.dtype,
-            gradient_checkpointing=config.gradient_checkpointing,
-        )
+        return load_model(ModelSpec(
+            model_path=config.model_path, model_base=config.model_base,
+            adapter=config.adapter_path if config.adapter_path is not None else ADAPTER_RELEASE,
+            reference=ReferenceMode.FROZEN_COPY, **common,
+        ))
+    if config.llava_model_path is None:
+        raise ConfigError("entry_point 'fresh_lora' needs llava_model_path: a merged model directory written "
+                          "by `radialog-rl merge` (or the SFT run's merged/ folder)")
     overrides = {"r": config.lora_r, "lora_alpha": config.lora_alpha, "lora_dropout": config.lora_dropout,
                  "target_modules": config.lora_target_modules}
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if "r" in overrides and "lora_alpha" not in overrides:
         overrides["lora_alpha"] = 2 * overrides["r"]  # RaDialog's alpha / r ratio
-    lora = radialog_lora_config(**overrides) if overrides else None
-    return load_pretrained_llava_model_for_ppo_training_with_fresh_lora_adapters(
-        config.llava_model_path, device, config.precision, config.adapter_path,
-        value_head_path=config.value_head_path, dtype=config.dtype, lora_config=lora,
-        gradient_checkpointing=config.gradient_checkpointing,
-    )
+    return load_model(ModelSpec(
+        model_path=config.llava_model_path, model_base=config.llava_model_path,
+        adapter=config.adapter_path if config.adapter_path is not None else ADAPTER_FRESH,
+        lora_config=radialog_lora_config(**overrides) if overrides else None,
+        reference=ReferenceMode.DISABLE_ADAPTER, **common,
+    ))
 
 
 def _fmt(value) -> str:
@@ -147,8 +155,10 @@ class PPOTrainer:
 
     Args:
         config: :class:`PPOConfig`.
-        model: a ``LlavaWithValueHead`` with a reference (built from ``config`` when None).
-        tokenizer: defaults to ``model.tokenizer``.
+        model: a :class:`~radialog_rl.loading.bundle.LoadedModel` from :func:`build_ppo_model` /
+            ``load_model`` (its tokenizer is used), or a ``LlavaWithValueHead`` with a reference from a
+            research entry point; built from ``config`` when None.
+        tokenizer: defaults to the bundle's (or the research entry point's ``model.tokenizer``).
         reward_fn: ``(rows' fields, responses) -> RewardOutput | list[float]``; default from
             ``config.reward``.
         rows: the prompts (default ``config.train_file``).
@@ -195,6 +205,8 @@ class PPOTrainer:
         self.best_value: float | None = None
         if model is None:
             model = build_ppo_model(config, device=self.accelerator.device)
+        if isinstance(model, LoadedModel):
+            model, tokenizer = model.model, tokenizer or model.tokenizer
         if model.reference_mode is None:
             raise ConfigError("the PPO model has no reference policy; build it with a PPO entry point")
         self.tokenizer = tokenizer or model.tokenizer
@@ -225,7 +237,7 @@ class PPOTrainer:
         self._overwrite_pending = config.overwrite and self._resume_path is None
         llava = self.unwrapped.llava
         self.image_size = config.image_size or llava.config.image_size
-        self.image_resize = config.image_resize or round(self.image_size * 512 / 448)
+        self.image_resize = config.image_resize or ImageSizes.for_crop(self.image_size).resize
         llava.model.vision_tower.register_forward_hook(self._count_vision_call)
         if self._resume_path is not None:
             load_checkpoint(self, self._resume_path)
