@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from radialog_rl.training.ppo.config import PPOConfig
-from radialog_rl.training.ppo.demo import favoured_token_reward
+from radialog_rl.demo.ppo import favoured_token_reward
 from radialog_rl.training.ppo.rollout import EpochSampler, RewardError, span_token_mask
 from radialog_rl.training.ppo.trainer import PPOTrainer
 

@@ -402,7 +402,7 @@ def test_demo_section_prints_a_falling_loss_table(tiny_release, tmp_path):
     from types import SimpleNamespace
 
     from radialog_rl.testing.tiny import TinyRelease
-    from radialog_rl.training.sft_demo import DEMO_STEPS, sft_demo_section
+    from radialog_rl.demo.sft import DEMO_STEPS, sft_demo_section
 
     # The section writes under the release root: give it a private copy of the release.
     root = tmp_path / "release"

@@ -52,7 +52,7 @@ def sft_demo_section(ctx: Any) -> None:
     ``ctx`` is the demo's ``DemoContext`` (uses ``release``, ``device``, ``dtype``, ``table`` and
     ``extras``). Output goes to ``<release root>/demo-sft`` (replaced on each run).
     """
-    from radialog_rl.data.images import DEFAULT_CROP, DEFAULT_RESIZE
+    from radialog_rl.data.images import ImageSizes
     from radialog_rl.loading.release import load_llava_config
     from radialog_rl.training.sft import SFTConfig, run_sft
 
@@ -61,7 +61,7 @@ def sft_demo_section(ctx: Any) -> None:
     if work.exists():
         shutil.rmtree(work)
     # Written at the resize size (RaDialog's 512 per 448 crop), so preprocessing only crops.
-    train_file = write_demo_sft_data(work / "data", image_size=round(crop * DEFAULT_RESIZE / DEFAULT_CROP))
+    train_file = write_demo_sft_data(work / "data", image_size=ImageSizes.for_crop(crop).resize)
     config = SFTConfig(
         entry_point="radialog_lora",
         model_path=str(ctx.release.model_path),
