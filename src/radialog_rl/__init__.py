@@ -43,6 +43,8 @@ _EXPORTS: dict[str, str] = {
     "reset_mm_projector_to_fix_wrong_shape": "radialog_rl.loading.release",
     "load_non_lora_trainables": "radialog_rl.loading.release",
     "merge_llm_with_vision_tower": "radialog_rl.loading.release",
+    "load_vision_tower_weights": "radialog_rl.loading.release",
+    "resize_embeddings_to_tokenizer": "radialog_rl.loading.release",
     "load_biovil_t_state_dict": "radialog_rl.loading.release",
     "modify_model_for_image_input": "radialog_rl.loading.release",
     "LoadingInfo": "radialog_rl.loading.release",

@@ -11,10 +11,11 @@
    defined (seeded) initialisation.
 4. :func:`load_non_lora_trainables`: projector + fine-tuned vision tower (+ any other trained
    non-LoRA tensors) with the documented prefix rule; rotary ``inv_freq`` buffers are skipped.
-5. :func:`merge_llm_with_vision_tower`: a tower from a BioViL-T ``.pt`` file when the release did not
-   carry one (or an explicit, opted-in random initialisation).
-6. :func:`modify_model_for_image_input`: token embeddings resized to the tokenizer (mean-resizing,
-   never uninitialised memory).
+5. :func:`load_vision_tower_weights` (research name ``merge_llm_with_vision_tower``): a tower from
+   a BioViL-T ``.pt`` file when the release did not carry one (or an explicit, opted-in random
+   initialisation).
+6. :func:`resize_embeddings_to_tokenizer` (research name ``modify_model_for_image_input``): token
+   embeddings resized to the tokenizer (mean-resizing, never uninitialised memory).
 7. everything frozen, eval mode; a :class:`LoadingInfo` reporting where each part came from.
 """
 
@@ -190,7 +191,7 @@ def load_biovil_t_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]
     return state
 
 
-def merge_llm_with_vision_tower(
+def load_vision_tower_weights(
     model: LlavaLlamaForCausalLM,
     vision_weights: str | os.PathLike | dict[str, torch.Tensor] | None,
 ) -> KeyReport:
@@ -210,7 +211,7 @@ def merge_llm_with_vision_tower(
     return report
 
 
-def modify_model_for_image_input(model: LlavaLlamaForCausalLM, tokenizer) -> tuple[int, int] | None:
+def resize_embeddings_to_tokenizer(model: LlavaLlamaForCausalLM, tokenizer) -> tuple[int, int] | None:
     """Resize token embeddings (and ``lm_head``) to ``len(tokenizer)`` when they differ.
 
     Uses transformers' mean-resizing (new rows drawn from the old rows' statistics): a defined
@@ -223,6 +224,11 @@ def modify_model_for_image_input(model: LlavaLlamaForCausalLM, tokenizer) -> tup
         return None
     model.resize_token_embeddings(new, mean_resizing=True)
     return old, new
+
+
+#: The research code's names for the two steps above (they load tower weights / resize embeddings).
+merge_llm_with_vision_tower = load_vision_tower_weights
+modify_model_for_image_input = resize_embeddings_to_tokenizer
 
 
 def _base_report_problems(info: dict) -> tuple[list[str], list[str], list[str], bool]:
@@ -373,7 +379,7 @@ def load_release(
         info.vision_tower_source = str(non_lora_file)
     elif vision_tower_path is not None or find_first(release_dir, [BIOVIL_T_FILE]):
         path = vision_tower_path or find_first(release_dir, [BIOVIL_T_FILE])
-        merge_llm_with_vision_tower(model, path)
+        load_vision_tower_weights(model, path)
         info.vision_tower_source = str(path)
     elif allow_random_init:
         info.vision_tower_source = "random initialisation (allow_random_init=True)"
@@ -385,7 +391,7 @@ def load_release(
         )
 
     _cast_unquantized_modules(model, spec.compute_dtype)
-    info.resized_embeddings = modify_model_for_image_input(model, tokenizer)
+    info.resized_embeddings = resize_embeddings_to_tokenizer(model, tokenizer)
     model.requires_grad_(False)
     model.eval()
     logger.info("loaded RaDialog model: %s", info.summary())

@@ -347,15 +347,6 @@ class VisionTransformerPooler(nn.Module):
         self.blocks = nn.ModuleList([PoolerBlock(dim, num_heads, mlp_ratio) for _ in range(num_blocks)])
         self.norm_post = nn.LayerNorm(dim, eps=1e-6)
 
-    @property
-    def pos_embed(self) -> torch.Tensor:
-        """The positional embedding of the configured grid, ``[1, grid_size**2, dim]`` (float32).
-
-        Computed, not stored: see the module docstring for why this is not a buffer.
-        """
-        device = self.type_embed.device
-        return sine_position_embedding_2d(self.grid_size, self.grid_size, self.dim, device=device)
-
     def forward(self, current: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
         if current.shape != previous.shape:
             raise ValueError(f"current {tuple(current.shape)} and previous {tuple(previous.shape)} differ")
