@@ -463,7 +463,7 @@ CASES = [
     Case(ppo_yaml_that_does_not_parse, ("ppo.yaml is not valid YAML",)),
     Case(ppo_override_of_an_unknown_key, ("unknown PPO config key(s): 'lerning_rate' (did you mean "
                                           "'learning_rate'?)",)),
-    Case(ppo_jsonl_with_a_latin1_line, ("ppo_qa.jsonl line 5", "not UTF-8")),
+    Case(ppo_jsonl_with_a_latin1_line, ("ppo_qa.jsonl", "line 5", "not UTF-8")),
     Case(sft_jsonl_with_a_latin1_line, ("sft.jsonl", "line 3", "not UTF-8")),
     Case(merge_with_a_zero_byte_bin_shard, ("pytorch_model-00002-of-00002.bin is empty or truncated",
                                             "download it again")),

@@ -183,7 +183,7 @@ def test_binary_qa_counts_balance_and_labels(mimic, tmp_path):
 
 def test_binary_qa_rows_load_in_the_sft_and_ppo_readers(mimic, tmp_path):
     from radialog_rl.data.datasets import load_sft_jsonl
-    from radialog_rl.training.ppo.rollout import load_prompt_jsonl
+    from radialog_rl.data.prompt_rows import load_prompt_jsonl
 
     build_binary_qa(mimic.root, tmp_path, n_per_finding=2)
     assert len(load_sft_jsonl(tmp_path / "binary_qa_train.sft.jsonl")) == 2 * len(QA_FINDINGS)

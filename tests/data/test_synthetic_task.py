@@ -22,7 +22,7 @@ from radialog_rl.data.synthetic_task import (
 )
 from radialog_rl.errors import ConfigError, DataError
 from radialog_rl.testing.data import make_binary_qa_jsonl
-from radialog_rl.training.ppo.rollout import load_prompt_jsonl
+from radialog_rl.data.prompt_rows import load_prompt_jsonl
 
 ROW_FIELDS = {"image", "prompt", "answer", "finding", "visibility", "visibility_group", "id"}
 LEVELS = (0.15, 0.3, 0.45, 0.6, 0.8, 1.0)

@@ -121,7 +121,7 @@ def test_skipped_samples_are_dropped_not_scored_zero(tiny_release, qa_data, tmp_
 def test_bad_ppo_rows_are_named(tmp_path):
     from radialog_rl.errors import DataError
     from radialog_rl.testing.data import write_synthetic_images
-    from radialog_rl.training.ppo.rollout import load_prompt_jsonl
+    from radialog_rl.data.prompt_rows import load_prompt_jsonl
 
     image = write_synthetic_images(tmp_path, 1)[0].name
     path = tmp_path / "rows.jsonl"

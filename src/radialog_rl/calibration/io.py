@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from radialog_rl.calibration.parsing import parse_confidence
+from radialog_rl.data.rows import RowErrors
 from radialog_rl.errors import DataError
 
 __all__ = ["PredictionSet", "read_predictions", "read_predictions_csv", "read_predictions_jsonl"]
@@ -137,14 +138,14 @@ def _jsonl_row(line: str, scale: int) -> tuple[float | None, float | None]:
 
 
 def _report_bad(path: Path, bad: list[tuple[int, str]], skip: bool) -> None:
-    shown = "; ".join(f"line {n}: {why}" for n, why in bad[:MAX_LINES_SHOWN])
-    more = f"; and {len(bad) - MAX_LINES_SHOWN} more" if len(bad) > MAX_LINES_SHOWN else ""
-    lines = ", ".join(str(n) for n, _ in bad[:MAX_LINES_SHOWN])
+    errors = RowErrors(path)
+    for number, why in bad:
+        errors.add(number, why)
     if not skip:
-        raise DataError(
-            f"{path}: {len(bad)} bad row(s) ({shown}{more}); fix them or skip them with "
-            "skip_bad_rows=True (CLI: --skip-bad-rows)"
-        )
+        errors.raise_if_any("fix them or skip them with skip_bad_rows=True (CLI: --skip-bad-rows)")
+        return
+    lines = ", ".join(str(n) for n, _ in bad[:MAX_LINES_SHOWN])
+    more = f" and {len(bad) - MAX_LINES_SHOWN} more" if len(bad) > MAX_LINES_SHOWN else ""
     logger.warning("%s: skipped %d bad row(s) at line(s) %s%s", path, len(bad), lines, more)
 
 

@@ -69,34 +69,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _read_rows(path: Path, reference_key: str, candidate_key: str | None) -> tuple[list[dict], list[str], list[str]]:
+    from radialog_rl.data.rows import RowErrors, jsonl_objects, require_file
     from radialog_rl.errors import DataError
 
-    if not path.is_file():
-        raise DataError(f"input file not found: {path}")
-    rows, references, candidates, bad = [], [], [], []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            bad.append(f"line {number}: invalid JSON ({exc.msg})")
-            continue
-        if not isinstance(row, dict):
-            bad.append(f"line {number}: not a JSON object")
-            continue
+    path = require_file(path, "input file")
+    rows, references, candidates = [], [], []
+    errors = RowErrors(path)
+    for json_row in jsonl_objects(path, errors):
+        row = json_row.data
         key = candidate_key or next((k for k in _CANDIDATE_KEYS if k in row), None)
         reference, candidate = row.get(reference_key), row.get(key) if key else None
         if not isinstance(reference, str) or not isinstance(candidate, str):
             wanted = candidate_key or " / ".join(_CANDIDATE_KEYS)
-            bad.append(f"line {number}: needs text fields {reference_key!r} and {wanted!r}")
+            errors.add(json_row.number, f"needs text fields {reference_key!r} and {wanted!r}")
             continue
         rows.append(row)
         references.append(reference)
         candidates.append(candidate)
-    if bad:
-        more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
-        raise DataError(f"{len(bad)} bad row(s) in {path}: " + "; ".join(bad[:5]) + more)
+    errors.raise_if_any()
     if not rows:
         raise DataError(f"{path} has no rows to score")
     return rows, references, candidates

@@ -38,7 +38,7 @@ from radialog_rl.data.prompts import SYSTEM_PROMPT, build_prompt
 from radialog_rl.errors import ConfigError
 from radialog_rl.generation import _unwrap
 from radialog_rl.loading.tokenizer import batch_tokenize_image_prompts
-from radialog_rl.training.ppo.rollout import user_message
+from radialog_rl.data.prompt_rows import user_message
 
 __all__ = [
     "DEFAULT_TEMPLATE",

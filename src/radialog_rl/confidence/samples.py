@@ -23,7 +23,8 @@ from pathlib import Path
 
 from radialog_rl.calibration.parsing import parse_yes_no
 from radialog_rl.errors import DataError
-from radialog_rl.training.ppo.rollout import load_prompt_jsonl, user_message
+from radialog_rl.data.prompt_rows import load_prompt_jsonl, user_message
+from radialog_rl.data.rows import RowErrors, require_file
 
 __all__ = ["LabelledSample", "load_labelled_jsonl", "sample_accuracy"]
 
@@ -70,12 +71,11 @@ def load_labelled_jsonl(path: str | os.PathLike) -> list[LabelledSample]:
     Raises:
         DataError: the file is missing or empty, or rows are bad (one error naming their lines).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"labelled data file not found: {path}")
+    path = require_file(path, "labelled data file")
     if not path.read_text(encoding="utf-8", errors="replace").strip():
         raise DataError(f"labelled data file {path} has no rows; expected one JSON object per line")
-    samples, bad = [], []
+    samples = []
+    errors = RowErrors(path)
     for index, row in enumerate(load_prompt_jsonl(path)):  # images resolved and checked there
         try:
             answer, accuracy = _label(row.fields)
@@ -84,16 +84,19 @@ def load_labelled_jsonl(path: str | os.PathLike) -> list[LabelledSample]:
                 raise ValueError(f"'response' must be a string, got {type(response).__name__}")
             prompt = user_message(row.prompt)
         except (ValueError, DataError) as exc:
-            bad.append(f"{row.source}: {exc}")
+            errors.add(_line_number(row.source), str(exc))
             continue
         samples.append(LabelledSample(
             id=row.fields.get("id", index), image=row.image, prompt=prompt, answer=answer,
             accuracy=accuracy, response=response, prior_image=row.prior_image, source=row.source,
         ))
-    if bad:
-        more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
-        raise DataError(f"{len(bad)} bad row(s) in {path}: " + "; ".join(bad[:5]) + more)
+    errors.raise_if_any()
     return samples
+
+
+def _line_number(source: str) -> int:
+    """The line number in a prompt row's ``"<file> line N"``."""
+    return int(source.rsplit(" ", 1)[-1])
 
 
 def sample_accuracy(sample: LabelledSample, response: str) -> float | None:

@@ -31,7 +31,6 @@ Relative image paths are resolved against the JSONL file's folder.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -46,7 +45,7 @@ from radialog_rl.calibration.parsing import CONFIDENCE_PATTERN
 from radialog_rl.constants import DEFAULT_IMAGE_TOKEN, IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from radialog_rl.data.images import DEFAULT_CROP, DEFAULT_RESIZE, load_chest_xray
 from radialog_rl.data.prompts import EOS_TEXT, SYSTEM_PROMPT, render_conversation, report_prompt
-from radialog_rl.data.text_lines import NOT_UTF8, numbered_lines
+from radialog_rl.data.rows import RowErrors, jsonl_objects, require_file
 from radialog_rl.errors import ConfigError, DataError, ImageError
 
 __all__ = [
@@ -91,8 +90,6 @@ LABEL_POLICIES: tuple[str, ...] = (
 OVERFLOW_MODES = ("truncate", "error")
 _USER_ROLES = ("human", "user")
 _ASSISTANT_ROLES = ("gpt", "assistant")
-#: How many bad rows a load error lists before "... and N more".
-_MAX_LISTED_ERRORS = 5
 
 @dataclass(frozen=True)
 class SFTExample:
@@ -253,32 +250,16 @@ def load_sft_jsonl(path: str | os.PathLike[str]) -> list[SFTExample]:
             a missing image file). All rows are checked; the message lists the first few bad ones
             by line number.
     """
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise DataError(f"SFT data file not found: {path}")
+    path = require_file(path, "SFT data file")
     base_dir = path.resolve().parent
     examples: list[SFTExample] = []
-    errors: list[str] = []
-    for number, line in numbered_lines(path):
-        if line is None:
-            errors.append(f"line {number}: {NOT_UTF8}")
-            continue
-        if not line.strip():
-            continue
-        source = f"{path.name} line {number}"
+    errors = RowErrors(path)
+    for row in jsonl_objects(path, errors):
         try:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise _RowError(f"invalid JSON: {e.msg} (column {e.colno})") from e
-            examples.append(_parse_row(row, source, base_dir))
+            examples.append(_parse_row(row.data, row.source, base_dir))
         except _RowError as e:
-            errors.append(f"line {number}: {e}")
-    if errors:
-        listed = "; ".join(errors[:_MAX_LISTED_ERRORS])
-        hidden = len(errors) - _MAX_LISTED_ERRORS
-        more = f"; ... and {hidden} more" if hidden > 0 else ""
-        raise DataError(f"{path}: {len(errors)} bad row(s): {listed}{more}")
+            errors.add(row.number, str(e))
+    errors.raise_if_any()
     if not examples:
         raise DataError(f"{path} holds no rows")
     logger.debug("read %d SFT examples from %s", len(examples), path)  # run_sft logs the counts once

@@ -10,88 +10,20 @@ re-tokenized so the policy is updated on the text that was scored (``docs/ppo-an
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from radialog_rl.constants import DEFAULT_IMAGE_TOKEN
-from radialog_rl.data.text_lines import NOT_UTF8, numbered_lines
-from radialog_rl.errors import DataError, RadialogError
+from radialog_rl.data.prompt_rows import PromptRow, load_prompt_jsonl, user_message  # noqa: F401 (re-exported)
+from radialog_rl.errors import RadialogError
 
 logger = logging.getLogger(__name__)
 
 
 class RewardError(RadialogError):
     """The reward function returned something unusable (NaN/inf scores, wrong lengths)."""
-
-
-@dataclass(frozen=True)
-class PromptRow:
-    """One PPO dataset row: the image, the user message, and every other field (labels)."""
-
-    image: Path
-    prompt: str
-    fields: dict
-    prior_image: Path | None = None
-    source: str = ""
-
-
-def load_prompt_jsonl(path: str | os.PathLike) -> list[PromptRow]:
-    """Rows of ``{"image": ..., "prompt": ..., <labels>}``; relative image paths resolve against
-    the file's folder. Bad rows raise one :class:`DataError` naming their line numbers."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"PPO data file not found: {path}")
-    rows, bad = [], []
-    for number, line in numbered_lines(path):
-        where = f"{path.name} line {number}"
-        if line is None:
-            bad.append(f"{where}: {NOT_UTF8}")
-            continue
-        if not line.strip():
-            continue
-        try:
-            data = json.loads(line)
-        except json.JSONDecodeError as exc:
-            bad.append(f"{where}: invalid JSON ({exc.msg})")
-            continue
-        if not isinstance(data, dict) or not data.get("image") or not isinstance(data.get("prompt"), str):
-            bad.append(f"{where}: needs 'image' and 'prompt' fields")
-            continue
-        image = (path.parent / data["image"]).resolve()
-        prior = (path.parent / data["prior_image"]).resolve() if data.get("prior_image") else None
-        missing = [str(p) for p in (image, prior) if p is not None and not p.is_file()]
-        if missing:
-            bad.append(f"{where}: image not found: {', '.join(missing)}")
-            continue
-        rows.append(PromptRow(image, data["prompt"], data, prior, where))
-    if bad:
-        more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
-        raise DataError(f"{len(bad)} bad row(s) in {path}: " + "; ".join(bad[:5]) + more)
-    if not rows:
-        raise DataError(f"PPO data file {path} has no rows")
-    with_prior = [r.source for r in rows if r.prior_image is not None]
-    if with_prior and len(with_prior) != len(rows):
-        without = [r.source for r in rows if r.prior_image is None]
-        raise DataError(
-            f"{path}: either every row has a 'prior_image' or none does (BioViL-T's temporal input is "
-            f"batched); without one: {', '.join(without[:5])}"
-        )
-    return rows
-
-
-def user_message(prompt: str) -> str:
-    """The prompt with exactly one ``<image>`` (prepended when absent, as LLaVA's data does)."""
-    count = prompt.count(DEFAULT_IMAGE_TOKEN)
-    if count > 1:
-        raise DataError(f"prompt has {count} '<image>' placeholders; one image per prompt: {prompt[:80]!r}")
-    return prompt if count == 1 else f"{DEFAULT_IMAGE_TOKEN}\n{prompt}"
 
 
 class EpochSampler:
