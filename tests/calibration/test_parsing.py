@@ -173,3 +173,15 @@ def test_replace_confidences_granular_scale():
 def test_replace_confidences_rejects_bad_probability():
     with pytest.raises(ValueError):
         replace_confidences(["x"], 1.5, np.random.default_rng(0))
+
+
+@pytest.mark.parametrize("value, expected", [
+    (True, True), (False, False), (1, True), (0, False), (1.0, True), (0.0, False),
+    ("yes", True), (" No ", False), ("TRUE", True), ("false", False), ("1", True), ("0", False),
+    ("1.0", True), ("0.0", False),
+    (2, None), (0.5, None), ("maybe", None), ("", None), (None, None), ([1], None),
+])
+def test_parse_truth_reads_data_labels_only(value, expected):
+    from radialog_rl.calibration.parsing import parse_truth
+
+    assert parse_truth(value) is expected

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from radialog_rl.calibration.parsing import parse_confidence
+from radialog_rl.calibration.parsing import parse_confidence, parse_truth
 from radialog_rl.data.rows import RowErrors
 from radialog_rl.errors import DataError
 
@@ -109,11 +109,10 @@ def _accuracy(value: Any) -> float | None:
 def _correct(value: Any) -> float | None:
     if value is None:
         return None
-    if isinstance(value, bool) or (isinstance(value, (int, float)) and value in (0, 1)):
-        return float(value)
-    if isinstance(value, str) and value.strip().lower() in ("true", "yes", "1", "false", "no", "0"):
-        return float(value.strip().lower() in ("true", "yes", "1"))
-    raise _BadRow(f"correct must be true/false or 0/1, got {value!r}")
+    truth = parse_truth(value)
+    if truth is None:
+        raise _BadRow(f"correct must be true/false or 0/1, got {value!r}")
+    return float(truth)
 
 
 def _jsonl_row(line: str, scale: int) -> tuple[float | None, float | None]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -106,6 +107,28 @@ def _is_answer_position(body: str, start: int, end: int) -> bool:
         or _SENTENCE_START.search(before)
         or _FOLLOWED_BY_STOP.match(after)
     )
+
+
+_TRUE_WORDS = frozenset({"yes", "true", "1", "1.0"})
+_FALSE_WORDS = frozenset({"no", "false", "0", "0.0"})
+
+
+def parse_truth(value: Any) -> bool | None:
+    """A ground-truth label from a data field: a bool, 0/1, or "yes"/"no"/"true"/"false"/"1"/"0"
+    (any case, surrounding spaces ignored); None when ``value`` is none of these.
+
+    For labels written by people or tables (a JSONL ``answer``, a CSV ``correct`` column), not for
+    model output (that is :func:`parse_yes_no`).
+    """
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, float, np.integer, np.floating)):
+        return bool(value) if value in (0, 1) else None
+    if isinstance(value, str):
+        word = value.strip().lower()
+        if word in _TRUE_WORDS or word in _FALSE_WORDS:
+            return word in _TRUE_WORDS
+    return None
 
 
 def parse_yes_no(text: str | None) -> bool | None:

@@ -29,6 +29,7 @@ import numpy as np
 from radialog_rl.calibration.parsing import (
     find_confidence_span,
     parse_confidence,
+    parse_truth,
     parse_yes_no,
     replace_confidences,
     strip_confidence,
@@ -234,19 +235,12 @@ BUILTIN_REWARDS: dict[str, Callable[..., float]] = {
 # Rewards whose second argument is a 0/1 correctness rather than an accuracy in [0, 1].
 _BINARY_REWARDS = frozenset({"binary_qa_loglik"})
 
-_TRUE_WORDS = frozenset({"yes", "true", "1", "1.0"})
-_FALSE_WORDS = frozenset({"no", "false", "0", "0.0"})
-
-
 def _truth(value: Any, index: int, key: str) -> bool:
-    """A ground-truth yes/no from a row field: bool, 0/1, or "yes"/"no"/"true"/"false"."""
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    if isinstance(value, (int, float, np.integer, np.floating)) and value in (0, 1):
-        return bool(value)
-    if isinstance(value, str) and value.strip().lower() in _TRUE_WORDS | _FALSE_WORDS:
-        return value.strip().lower() in _TRUE_WORDS
-    raise DataError(f"sample {index}: {key!r} must be yes/no, true/false or 0/1, got {value!r}")
+    """A ground-truth yes/no from a row field (:func:`parse_truth`), or a DataError naming it."""
+    truth = parse_truth(value)
+    if truth is None:
+        raise DataError(f"sample {index}: {key!r} must be yes/no, true/false or 0/1, got {value!r}")
+    return truth
 
 
 def row_accuracy(sample: Mapping[str, Any], response: str, index: int = 0) -> tuple[float | None, bool]:

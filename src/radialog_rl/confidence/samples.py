@@ -21,7 +21,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from radialog_rl.calibration.parsing import parse_yes_no
+from radialog_rl.calibration.parsing import parse_truth, parse_yes_no
 from radialog_rl.errors import DataError
 from radialog_rl.data.prompt_rows import load_prompt_jsonl, user_message
 from radialog_rl.data.rows import RowErrors, require_file
@@ -47,11 +47,10 @@ def _label(fields: dict) -> tuple[bool | None, float | None]:
     """``(answer, accuracy)`` of a row, or ValueError naming the problem."""
     if "answer" in fields:
         value = fields["answer"]
-        if isinstance(value, bool):
-            return value, None
-        if isinstance(value, str) and value.strip().lower() in ("yes", "no", "true", "false"):
-            return value.strip().lower() in ("yes", "true"), None
-        raise ValueError(f"'answer' must be yes/no or true/false, got {value!r}")
+        truth = parse_truth(value) if isinstance(value, (bool, str)) else None  # 0/1 is an accuracy
+        if truth is None:
+            raise ValueError(f"'answer' must be yes/no or true/false, got {value!r}")
+        return truth, None
     if "accuracy" in fields:
         value = fields["accuracy"]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
@@ -59,9 +58,10 @@ def _label(fields: dict) -> tuple[bool | None, float | None]:
         return None, float(value)
     if "correct" in fields:
         value = fields["correct"]
-        if isinstance(value, bool) or value in (0, 1):
-            return None, float(value)
-        raise ValueError(f"'correct' must be true/false, got {value!r}")
+        truth = parse_truth(value) if not isinstance(value, str) else None
+        if truth is None:
+            raise ValueError(f"'correct' must be true/false, got {value!r}")
+        return None, float(truth)
     raise ValueError("needs a label: 'answer' (yes/no), 'accuracy' (0..1) or 'correct' (true/false)")
 
 
