@@ -22,7 +22,7 @@ from radialog_rl.calibration.metrics import (
     default_num_bins,
     expected_calibration_error,
 )
-from radialog_rl.errors import RadialogError
+from radialog_rl.errors import ConfigError, RadialogError
 
 __all__ = ["confidence_histogram", "reliability_diagram"]
 
@@ -50,8 +50,6 @@ def _save(fig: Any, path: str | Path, dpi: int) -> Path:
     path = Path(path)
     fmt = PLOT_FORMATS.get(path.suffix.lower())
     if fmt is None:
-        from radialog_rl.errors import ConfigError
-
         raise ConfigError(f"cannot write a plot to {path}: the name must end in "
                           f"{', '.join(PLOT_FORMATS)} (the format follows the extension)")
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -9,20 +9,20 @@ from pathlib import Path
 
 import torch
 
+from radialog_rl.data.prompts import build_prompt, report_prompt
+from radialog_rl.loading.adapters import trainable_parameter_report
+from radialog_rl.loading.entry_points import (
+    load_pretrained_llava_model_for_ppo_training,
+    load_pretrained_llava_model_for_ppo_training_with_fresh_lora_adapters,
+    load_pretrained_llava_model_for_sft_training,
+)
+from radialog_rl.loading.export import save_lora_merged_llava_model_to_local_dir
+from radialog_rl.loading.release import load_baseline_llava_model_with_vision_modules
+from radialog_rl.loading.tokenizer import batch_tokenize_image_prompts
+
 
 def adapters_demo_section(ctx) -> None:
     """Build the SFT model and both PPO models, merge, reload, and print the max logit difference."""
-    from radialog_rl.loading.adapters import trainable_parameter_report
-    from radialog_rl.loading.entry_points import (
-        load_pretrained_llava_model_for_ppo_training,
-        load_pretrained_llava_model_for_ppo_training_with_fresh_lora_adapters,
-        load_pretrained_llava_model_for_sft_training,
-    )
-    from radialog_rl.loading.export import save_lora_merged_llava_model_to_local_dir
-    from radialog_rl.loading.release import load_baseline_llava_model_with_vision_modules
-    from radialog_rl.loading.tokenizer import batch_tokenize_image_prompts
-    from radialog_rl.data.prompts import build_prompt, report_prompt
-
     release, device = ctx.release, ctx.device
     paths = dict(model_path=release.model_path, model_base=release.model_base)
     rows = []

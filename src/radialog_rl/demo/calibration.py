@@ -21,8 +21,13 @@ from typing import Any
 import yaml
 
 from radialog_rl.calibration.baselines import best_constant_confidence, oracle_report
+from radialog_rl.calibration.plots import reliability_diagram
 from radialog_rl.data.synthetic_task import build_synthetic_task
+from radialog_rl.errors import RadialogError
 from radialog_rl.testing.tiny import make_tiny_release
+from radialog_rl.training.ppo.config import PPOConfig
+from radialog_rl.training.ppo.trainer import PPOTrainer
+from radialog_rl.training.sft import SFTConfig, run_sft
 
 logger = logging.getLogger(__name__)
 
@@ -81,10 +86,6 @@ def run_calibration_experiment(work: str | Path, preset: str | Preset = "full", 
                                device: str = "cpu", ppo_overrides: dict[str, Any] | None = None,
                                sft_overrides: dict[str, Any] | None = None) -> ExperimentResult:
     """Run the whole experiment in ``work`` and return the table rows (see the module docstring)."""
-    from radialog_rl.training.ppo.config import PPOConfig
-    from radialog_rl.training.ppo.trainer import PPOTrainer
-    from radialog_rl.training.sft import SFTConfig, run_sft
-
     p = PRESETS[preset] if isinstance(preset, str) else preset
     work = Path(work)
     result = ExperimentResult(work=work)
@@ -167,9 +168,6 @@ def check_targets(rows: list[dict[str, Any]], groups: dict[str, float | None]) -
 
 def _plots(directory: Path, sft_rows: list[dict[str, Any]], ppo_rows: list[dict[str, Any]]) -> list[Path]:
     """Reliability diagrams before (SFT) and after (PPO); skipped without matplotlib."""
-    from radialog_rl.calibration.plots import reliability_diagram
-    from radialog_rl.errors import RadialogError
-
     written = []
     for name, rows in (("sft", sft_rows), ("ppo", ppo_rows)):
         try:

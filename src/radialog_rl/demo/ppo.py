@@ -5,6 +5,10 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from radialog_rl.testing.data import make_binary_qa_jsonl
+from radialog_rl.training.ppo.config import PPOConfig
+from radialog_rl.training.ppo.trainer import PPOTrainer
+
 
 def favoured_token_reward(trainer):
     """A toy reward for the random tiny model: the share of response tokens that are one token.
@@ -30,10 +34,6 @@ def ppo_demo_section(ctx) -> None:
     The tiny model is random, so a calibration reward would only ever see the format penalty; a
     reward that pays for one frequent token shows the loop learning within seconds.
     """
-    from radialog_rl.testing.data import make_binary_qa_jsonl
-    from radialog_rl.training.ppo.config import PPOConfig
-    from radialog_rl.training.ppo.trainer import PPOTrainer
-
     # Beside the tiny release (like the SFT section's demo-sft/), not left in the system temp folder.
     work = Path(ctx.release.root) / "demo-ppo"
     shutil.rmtree(work, ignore_errors=True)  # the previous demo's run: ours

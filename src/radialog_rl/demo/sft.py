@@ -14,6 +14,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from radialog_rl.data.images import ImageSizes, make_synthetic_chest_xray
+from radialog_rl.loading.release import load_llava_config
+from radialog_rl.training.sft import SFTConfig, run_sft
+
 logger = logging.getLogger(__name__)
 
 #: (finding, answer, confidence) of the demo's training rows.
@@ -28,8 +32,6 @@ DEMO_STEPS = 10
 
 def write_demo_sft_data(directory: str | Path, image_size: int) -> Path:
     """Write ``len(DEMO_ROWS)`` synthetic PNGs (``image_size`` px) and ``train.jsonl``; returns its path."""
-    from radialog_rl.data.images import make_synthetic_chest_xray
-
     directory = Path(directory)
     (directory / "images").mkdir(parents=True, exist_ok=True)
     lines = []
@@ -52,10 +54,6 @@ def sft_demo_section(ctx: Any) -> None:
     ``ctx`` is the demo's ``DemoContext`` (uses ``release``, ``device``, ``dtype``, ``table`` and
     ``extras``). Output goes to ``<release root>/demo-sft`` (replaced on each run).
     """
-    from radialog_rl.data.images import ImageSizes
-    from radialog_rl.loading.release import load_llava_config
-    from radialog_rl.training.sft import SFTConfig, run_sft
-
     crop = load_llava_config(ctx.release.model_path).image_size
     work = Path(ctx.release.root) / "demo-sft"
     if work.exists():

@@ -22,6 +22,7 @@ from radialog_rl.constants import (
     LLAVA_BASE_HUB_ID,
 )
 from radialog_rl.errors import CheckpointError
+from radialog_rl.loading.files import resolve_model_dir
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +32,6 @@ TOKENIZER_FILES = "tokenizer.json|tokenizer.model"
 def _load_tokenizer(model_base: str | os.PathLike | None, padding_side: str):
     from transformers import AutoTokenizer
 
-    from radialog_rl.loading.files import resolve_model_dir
 
     directory = resolve_model_dir(
         model_base or LLAVA_BASE_HUB_ID,

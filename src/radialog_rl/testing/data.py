@@ -6,13 +6,13 @@ import json
 import os
 from pathlib import Path
 
+from radialog_rl.data.images import make_synthetic_chest_xray
+
 QA_FINDINGS = ("edema", "cardiomegaly", "pleural effusion", "pneumothorax", "atelectasis", "consolidation")
 
 
 def write_synthetic_images(directory: str | os.PathLike, n: int, size: int = 160, seed: int = 0) -> list[Path]:
     """``n`` deterministic synthetic chest X-ray PNGs (``xray_000.png``...) in ``directory``."""
-    from radialog_rl.data.images import make_synthetic_chest_xray
-
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     paths = []

@@ -24,7 +24,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from radialog_rl.data.mimic.tables import CHEXPERT_FILE, METADATA_FILE, SECTIONED_FILE, SPLIT_FILE, image_relpath
+from radialog_rl.calibration.rewards import get_reward
+from radialog_rl.data.images import make_synthetic_chest_xray
+from radialog_rl.data.mimic.tables import (
+    CHEXPERT_FILE,
+    METADATA_FILE,
+    SECTIONED_FILE,
+    SPLIT_FILE,
+    image_relpath,
+)
 from radialog_rl.data.prompts import CHEXPERT_FINDINGS
 
 __all__ = ["SyntheticMimic", "make_synthetic_mimic", "report_reward_with_word_overlap", "word_overlap_accuracy"]
@@ -113,8 +121,6 @@ def make_synthetic_mimic(
         missing_images: this many image files are not written (alternately a lateral and a
             frontal one, so that frontal-only builds also meet a missing file).
     """
-    from radialog_rl.data.images import make_synthetic_chest_xray
-
     if reports_layout not in ("official", "radialog"):
         raise ValueError(f"reports_layout must be 'official' or 'radialog', got {reports_layout!r}")
     root = Path(root)
@@ -232,8 +238,6 @@ def report_reward_with_word_overlap(
     The built-in reward is built once per parameter set and reused, so its exploration random
     stream continues from step to step as it would with ``accuracy_scorer`` passed directly.
     """
-    from radialog_rl.calibration.rewards import get_reward
-
     key = (reward, tuple(sorted(params.items())))
     if key not in _REWARDS:
         _REWARDS[key] = get_reward(reward, accuracy_scorer=word_overlap_accuracy, **params)

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from radialog_rl.modeling.biovil import BioViLTImageEncoder, tiny_biovil_config
+
 logger = logging.getLogger(__name__)
 
 TINY_VERSION = 1  # bump when the layout or values change; the demo cache is keyed on it
@@ -80,8 +82,6 @@ class TinyRelease:
 
 
 def tiny_biovil_dict() -> dict:
-    from radialog_rl.modeling.biovil import tiny_biovil_config
-
     return asdict(tiny_biovil_config())
 
 
@@ -138,8 +138,6 @@ def _randomize_batchnorm_buffers(module: torch.nn.Module, gen: torch.Generator) 
 
 
 def _tower_state(seed: int) -> dict[str, torch.Tensor]:
-    from radialog_rl.modeling.biovil import BioViLTImageEncoder, tiny_biovil_config
-
     gen = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -222,8 +220,6 @@ def _base_config() -> dict:
 
 
 def _radialog_config() -> dict:
-    from radialog_rl.modeling.biovil import tiny_biovil_config
-
     bio = tiny_biovil_config()
     config = _base_config()
     config.update(

@@ -20,6 +20,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from radialog_rl.calibration.rewards import load_reward
+from radialog_rl.data.images import image_header_size
 from radialog_rl.errors import DataError, RadialogError
 
 logger = logging.getLogger(__name__)
@@ -48,8 +50,6 @@ def importable_from(folders: Iterable[str | os.PathLike | None]) -> Iterator[Non
 def load_config_reward(spec: str, params: dict[str, Any], config_dir: str | os.PathLike | None = None):
     """:func:`radialog_rl.calibration.rewards.load_reward`, importing ``module:function`` rewards from
     the working directory or ``config_dir`` too."""
-    from radialog_rl.calibration.rewards import load_reward
-
     with importable_from([os.getcwd(), config_dir]):
         return load_reward(spec, **params)
 
@@ -64,8 +64,6 @@ def check_rows(rows: Sequence[Any], reward_fn=None, *, what: str = "data file") 
     Raises:
         DataError: naming the first few bad rows by file and line, and how many there are.
     """
-    from radialog_rl.data.images import image_header_size
-
     check_sample = getattr(reward_fn, "check_sample", None)
     bad = []
     for row in rows:

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from radialog_rl import __version__
+
 __all__ = ["BUILDER_VERSION", "BuildResult", "format_table", "image_field", "sha256_file", "write_jsonl",
            "write_manifest", "write_part"]
 
@@ -90,8 +92,6 @@ def write_manifest(
     summary: Sequence[Mapping[str, Any]],
 ) -> Path:
     """Write ``out_dir/<prefix>.manifest.json`` (module docstring) and return its path."""
-    from radialog_rl import __version__
-
     manifest = {
         "builder": builder,
         "builder_version": BUILDER_VERSION,
