@@ -332,7 +332,9 @@ class Worker:
     """A worker process speaking the stdin/stdout protocol of :func:`run_worker`."""
 
     def __init__(self, side: str, python: str, args, extra: list[str]):
-        cmd = [python, os.path.abspath(__file__), "--worker", side, *extra]
+        cmd = [python, os.path.abspath(__file__), *extra, "--worker", side.split("*")[0]]
+        if side == "ours*":
+            cmd += ["--ours-options", args.alt_options]
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads or ""), "TOKENIZERS_PARALLELISM": "false"}
         if not args.threads:
             env.pop("OMP_NUM_THREADS")
@@ -379,13 +381,15 @@ def table(results: dict[str, list[dict]]) -> str:
     rows = {side: medians(records) for side, records in results.items()}
     header = ["side"] + [h for h, _, _ in COLUMNS]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    names = {"ours": "ours (radialog-rl)", "trl": "TRL 0.11.4 legacy"}
+    names = {"ours": "ours (radialog-rl)", "ours*": "ours* (--alt-options)", "trl": "TRL 0.11.4 legacy"}
     for side, row in rows.items():
         lines.append(f"| {names[side]} | " + " | ".join(f.format(row[k]) for _, k, f in COLUMNS) + " |")
-    if set(rows) == set(SIDES):
-        a, b = rows["trl"], rows["ours"]
-        lines.append("| **TRL / ours** | " + " | ".join(f"{a[k] / b[k]:.2f}x" if b[k] else "n/a"
-                                                      for _, k, _ in COLUMNS) + " |")
+    for num, den, label in (("trl", "ours", "TRL / ours"), ("trl", "ours*", "TRL / ours*"),
+                            ("ours", "ours*", "ours / ours*")):
+        if num in rows and den in rows:
+            a, b = rows[num], rows[den]
+            lines.append(f"| **{label}** | " + " | ".join(f"{a[k] / b[k]:.2f}x" if b[k] else "n/a"
+                                                         for _, k, _ in COLUMNS) + " |")
     return "\n".join(lines)
 
 
@@ -411,6 +415,9 @@ def parse_args(argv=None):
     p.add_argument("--trl-venv", default=str(REPO / ".venv-bench-trl"))
     p.add_argument("--ours-options", default="{}",
                    help="JSON of extra PPOConfig fields for ours (e.g. rollout options)")
+    p.add_argument("--alt-options", default=None, metavar="JSON",
+                   help="also run ours with these extra PPOConfig fields as side 'ours*', e.g. "
+                        "'{\"mixed_adapter_scoring\": true}'")
     p.add_argument("--workdir", default=None)
     p.add_argument("--json", default=None, help="also write the raw per-step records here")
     p.add_argument("--profile", default=None, metavar="DIR",
@@ -432,7 +439,9 @@ def main(argv=None) -> None:
         run_worker(args)
         return
     sides = ["ours"] if args.skip_trl else list(SIDES)
-    pythons = {"ours": sys.executable}
+    if args.alt_options:
+        sides.insert(1, "ours*")
+    pythons = {"ours": sys.executable, "ours*": sys.executable}
     if "trl" in sides:
         pythons["trl"] = str(ensure_trl_venv(Path(args.trl_venv)))
     with contextlib.ExitStack() as stack:
@@ -495,8 +504,8 @@ def report(args, results, info, lengths) -> None:
               f"{m['response_len']:.1f}; params {info[side]['params'] / 1e6:.2f} M "
               f"({info[side]['trainable'] / 1e6:.2f} M trainable)"
               + (f"; first ratio max |r-1| {max(r['first_ratio_max_dev'] for r in records):.2g}"
-                 if side == "ours" else ""), end="")
-    if set(results) == set(SIDES):
+                 if side.startswith("ours") else ""), end="")
+    if "trl" in results:
         a, b = medians(results["trl"]), medians(results["ours"])
         print(f"\n\nthroughput ours / TRL (median step time TRL / ours): wall {a['step_s'] / b['step_s']:.2f}x, "
               f"CPU {a['cpu_s'] / b['cpu_s']:.2f}x")

@@ -50,3 +50,36 @@ def test_sliced_logit_logprobs_equal_the_full_sequence_ones(tiny_release, qa_dat
     torch.testing.assert_close(entropy, L.entropy_from_logits(logits, 0.7), rtol=0, atol=1e-5)
     torch.testing.assert_close(values, full.values[:, total - tr - 1 : total - 1], rtol=0, atol=0)
     assert logprobs.shape == values.shape == (2, tr)
+
+
+@pytest.mark.parametrize("flow", ["radialog_lora", "fresh_lora"])
+def test_mixed_adapter_scoring_equals_the_separate_passes(tiny_release, qa_data, tmp_path, flow):
+    extra = {}
+    if flow == "fresh_lora":
+        from radialog_rl import save_lora_merged_llava_model_to_local_dir
+
+        merged = save_lora_merged_llava_model_to_local_dir(
+            tmp_path / "merged", model_path=tiny_release.model_path, model_base=tiny_release.model_base,
+            dtype=torch.float32)
+        extra = {"entry_point": "fresh_lora", "llava_model_path": str(merged)}
+    trainer = _trainer(tiny_release, qa_data, tmp_path, **extra)
+    # Move the policy away from its reference, so that mixing up the adapters would show.
+    with torch.no_grad():
+        for name, p in trainer.unwrapped.named_parameters():
+            if p.requires_grad and "lora_B" in name:
+                p.add_(0.05 * torch.randn_like(p))
+    batch = trainer.rollout()
+    epoch = [torch.tensor([3, 1]), torch.tensor([0, 2])]
+    separate = trainer.score_passes(batch, epoch)
+    trainer.config.mixed_adapter_scoring = True
+    mixed = trainer.score_passes(batch, epoch)
+    assert not torch.allclose(separate["logprobs"], separate["ref"])
+    for key in ("logprobs", "values", "entropy", "ref"):
+        torch.testing.assert_close(mixed[key], separate[key], rtol=0, atol=1e-5)
+
+
+def test_mixed_adapter_scoring_keeps_the_first_ratio_and_kl(tiny_release, qa_data, tmp_path):
+    trainer = _trainer(tiny_release, qa_data, tmp_path, mixed_adapter_scoring=True)
+    metrics = trainer.step()
+    assert metrics["ppo/policy/first_ratio_max_dev"] < 1e-6  # exactly 0 where GEMMs are row-independent
+    assert metrics["objective/kl"] == pytest.approx(0.0, abs=1e-6)
