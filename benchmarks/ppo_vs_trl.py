@@ -43,8 +43,11 @@ no-grad pass (TRL computes it over every position in the training pass instead),
 adapter is a frozen LoRA copy (a LoRA forward) where TRL disables the adapter.
 
 Usage
-    python benchmarks/ppo_vs_trl.py                 # ~4 minutes on 2 shared CPU cores (venv exists)
+    python benchmarks/ppo_vs_trl.py                 # ~3 minutes on 2 shared CPU cores (venv exists)
     python benchmarks/ppo_vs_trl.py --rounds 3 --skip-trl
+    python benchmarks/ppo_vs_trl.py --alt-options '{"mixed_adapter_scoring": true}'   # A/B an option
+    python benchmarks/ppo_vs_trl.py --alt-src /tmp/before/src   # A/B another checkout's src/
+    python benchmarks/ppo_vs_trl.py --profile prof/            # + one profiled step per side
 """
 
 from __future__ import annotations
@@ -334,12 +337,14 @@ class Worker:
     def __init__(self, side: str, python: str, args, extra: list[str]):
         cmd = [python, os.path.abspath(__file__), *extra, "--worker", side.split("*")[0]]
         if side == "ours*":
-            cmd += ["--ours-options", args.alt_options]
+            cmd += ["--ours-options", args.alt_options or "{}"]
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads or ""), "TOKENIZERS_PARALLELISM": "false"}
         if not args.threads:
             env.pop("OMP_NUM_THREADS")
         if side == "trl":  # the TRL environment must not see this package's source tree
             env.pop("PYTHONPATH", None)
+        if side == "ours*" and args.alt_src:  # another checkout's package, e.g. before a change
+            env["PYTHONPATH"] = str(Path(args.alt_src).resolve())
         self.side = side
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         self.info = self._read()["ready"]
@@ -381,7 +386,7 @@ def table(results: dict[str, list[dict]]) -> str:
     rows = {side: medians(records) for side, records in results.items()}
     header = ["side"] + [h for h, _, _ in COLUMNS]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    names = {"ours": "ours (radialog-rl)", "ours*": "ours* (--alt-options)", "trl": "TRL 0.11.4 legacy"}
+    names = {"ours": "ours (radialog-rl)", "ours*": "ours* (--alt-options / --alt-src)", "trl": "TRL 0.11.4 legacy"}
     for side, row in rows.items():
         lines.append(f"| {names[side]} | " + " | ".join(f.format(row[k]) for _, k, f in COLUMNS) + " |")
     for num, den, label in (("trl", "ours", "TRL / ours"), ("trl", "ours*", "TRL / ours*"),
@@ -418,6 +423,9 @@ def parse_args(argv=None):
     p.add_argument("--alt-options", default=None, metavar="JSON",
                    help="also run ours with these extra PPOConfig fields as side 'ours*', e.g. "
                         "'{\"mixed_adapter_scoring\": true}'")
+    p.add_argument("--alt-src", default=None, metavar="DIR",
+                   help="also run ours from this src/ directory as side 'ours*' (e.g. an older checkout's, "
+                        "exported with `git archive REV src | tar -x -C DIR/..`): a before/after A/B")
     p.add_argument("--workdir", default=None)
     p.add_argument("--json", default=None, help="also write the raw per-step records here")
     p.add_argument("--profile", default=None, metavar="DIR",
@@ -439,7 +447,7 @@ def main(argv=None) -> None:
         run_worker(args)
         return
     sides = ["ours"] if args.skip_trl else list(SIDES)
-    if args.alt_options:
+    if args.alt_options or args.alt_src:
         sides.insert(1, "ours*")
     pythons = {"ours": sys.executable, "ours*": sys.executable}
     if "trl" in sides:
