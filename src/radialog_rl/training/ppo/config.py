@@ -145,6 +145,12 @@ class PPOConfig(RunSection, LoraSection, ModelSection):  # fields: model, LoRA, 
     """Clip (normalised) scores to [-score_clip, score_clip]."""
     no_eos_penalty: float | None = None
     """Subtracted from the score of responses without EOS."""
+    mixed_adapter_scoring: bool = False
+    """Score the policy and the reference in ONE forward per minibatch (2x the rows; PEFT mixed
+    adapter batches: each row names its adapter, the reference's being the frozen copy or the base).
+    Fewer, larger GEMMs: a gain where a minibatch does not fill the accelerator. The policy's old
+    log-probs then come from a 2b-row forward while the update runs b rows: the first ratio is 1 to
+    rounding (exactly 1 only where the GEMMs are row-independent, as on CPU)."""
     # sampling
     max_new_tokens: PositiveInt = 50
     """Longest sampled response."""
@@ -154,6 +160,14 @@ class PPOConfig(RunSection, LoraSection, ModelSection):  # fields: model, LoRA, 
     """Top-k sampling (0: off)."""
     top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
     """Nucleus sampling (1: off)."""
+    rollout_cache: Literal["dynamic", "static"] = "dynamic"
+    """KV cache of the rollout's generate: "static" preallocates it (prompt + max_new_tokens), the
+    shape a compiled decode step needs; on CUDA transformers then compiles the decode step itself
+    (see rollout_compile). Greedy tokens are identical to "dynamic"."""
+    rollout_compile: bool | None = None
+    """Compile the decode step with torch.compile (needs rollout_cache "static"): None = transformers'
+    default (compiled on CUDA/XPU with a static cache), True = also on CPU, False = never. Each new
+    prompt length is a new cache shape, so expect recompiles while lengths vary."""
     # held-out evaluation
     eval_file: FilePath = None
     """JSONL like train_file, evaluated with greedy decoding every eval_every steps and at the end."""
@@ -215,6 +229,9 @@ class PPOConfig(RunSection, LoraSection, ModelSection):  # fields: model, LoRA, 
             if self.batch_size % getattr(self, divisor):
                 raise ConfigError(f"batch_size ({self.batch_size}) must be a multiple of {divisor} "
                                   f"({getattr(self, divisor)})")
+        if self.rollout_compile and self.rollout_cache != "static":
+            raise ConfigError("rollout_compile needs rollout_cache: static (a compiled decode step needs "
+                              "a fixed-shape cache)")
         if self.advantage_estimator == "rloo" and self.samples_per_prompt < 2:
             raise ConfigError("advantage_estimator 'rloo' needs samples_per_prompt >= 2")
         return self

@@ -98,6 +98,19 @@ class Rollout:
         return self.input_ids.shape[1] - self.response_ids.shape[1]
 
 
+def response_logit_positions(total_length: int, response_length: int, device=None) -> torch.Tensor:
+    """``[Tr]`` positions ``Tq-1 .. Tq+Tr-2`` of a query ⊕ response sequence whose logits predict the
+    response tokens, for ``logits_to_keep``: only those ``Tr`` rows go through the LM head.
+
+    Why an index tensor rather than ``logits_to_keep=Tr + 1`` and a slice: transformers keeps an int
+    as the strided view ``hidden[:, -k:]``, which sends the ``[b, k, hidden] x [hidden, vocab]``
+    product down matmul's batched (bmm) path, about twice as slow on CPU as the 2-D GEMM that the
+    contiguous copy made by index selection gets; and no logit row is computed only to be dropped.
+    """
+    start = total_length - response_length - 1
+    return torch.arange(start, start + response_length, device=device)
+
+
 def build_ppo_model(config: PPOConfig, device: str | torch.device | None = None) -> LoadedModel:
     """Load the policy + value head + reference named by ``config.entry_point``.
 
@@ -318,12 +331,29 @@ class PPOTrainer:
             input_ids=query.input_ids.to(device), attention_mask=query.attention_mask.to(device),
             image_features=features, max_new_tokens=max_new_tokens or cfg.max_new_tokens,
             pad_token_id=self.pad_token_id, eos_token_id=eos, return_dict_in_generate=True, **sampling,
+            **self._cache_options(),
         )
         response = generated.sequences
         response_mask = L.response_mask_from_eos(response, eos)
         texts = [self.tokenizer.decode(r[m.bool()].tolist(), skip_special_tokens=True)
                  for r, m in zip(response, response_mask)]
         return rows, query, features, response, response_mask, texts
+
+    def _cache_options(self) -> dict:
+        """``generate`` keywords for ``rollout_cache`` / ``rollout_compile`` (empty by default)."""
+        cfg = self.config
+        if cfg.rollout_cache == "dynamic":
+            return {}
+        options = {"cache_implementation": "static"}
+        if cfg.rollout_compile is False:
+            options["disable_compile"] = True
+        elif cfg.rollout_compile:
+            from transformers import CompileConfig
+
+            compile_config = CompileConfig(fullgraph=False, dynamic=None)
+            compile_config._compile_all_devices = True  # transformers compiles on accelerators only
+            options["compile_config"] = compile_config
+        return options
 
     @torch.no_grad()
     def rollout(self) -> Rollout:
@@ -433,16 +463,28 @@ class PPOTrainer:
         return torch.where(valid, scores, torch.zeros_like(scores))
 
     # -- 3: forward passes ------------------------------------------------------------------------
-    def _forward(self, model, batch: Rollout, idx: torch.Tensor, with_entropy: bool = False):
-        """Log-probs ``[b, Tr]`` of the response tokens, values ``[b, Tr]`` (and entropy)."""
+    def _forward(self, model, batch: Rollout, idx: torch.Tensor, with_entropy: bool = False,
+                 entropy_rows: int | None = None, **kwargs):
+        """Log-probs ``[b, Tr]`` of the response tokens, values ``[b, Tr]`` (and entropy, of the first
+        ``entropy_rows`` rows when given). ``kwargs`` go to the model (``adapter_names``)."""
         tr = batch.response_ids.shape[1]
         out = model(input_ids=batch.input_ids[idx], attention_mask=batch.attention_mask[idx],
-                    image_features=batch.image_features[idx], logits_to_keep=tr + 1)
-        logits = out.logits[:, :-1]  # logit t predicts token t+1: positions Tq-1 .. Tq+Tr-2
+                    image_features=batch.image_features[idx],
+                    logits_to_keep=response_logit_positions(batch.input_ids.shape[1], tr, batch.input_ids.device),
+                    **kwargs)
+        logits = out.logits  # [b, Tr, V]: logit t predicts token t+1
         logprobs = L.gather_logprobs(logits, batch.response_ids[idx], self.config.temperature)
         values = out.values[:, -tr - 1 : -1]
-        entropy = L.entropy_from_logits(logits, self.config.temperature) if with_entropy else None
+        entropy = None
+        if with_entropy:
+            entropy = L.entropy_from_logits(logits[:entropy_rows], self.config.temperature)
         return logprobs, values, entropy
+
+    def _reference_adapter_name(self, model) -> str:
+        """The PEFT adapter name that gives the reference in a mixed-adapter batch."""
+        from radialog_rl.modeling.value_head import REFERENCE_ADAPTER_NAME, REFERENCE_FROZEN_COPY
+
+        return REFERENCE_ADAPTER_NAME if model.reference_mode == REFERENCE_FROZEN_COPY else "__base__"
 
     def _minibatches(self, generator: torch.Generator) -> list[list[torch.Tensor]]:
         """Shuffled minibatch indices for every PPO epoch (drawn up front, see step 3)."""
@@ -460,6 +502,18 @@ class PPOTrainer:
         model = self.unwrapped
         shape = batch.response_ids.shape
         out = {k: torch.zeros(shape, device=batch.input_ids.device) for k in ("logprobs", "values", "entropy", "ref")}
+        if self.config.mixed_adapter_scoring:
+            # Rows [idx ; idx]: the first half through the policy's adapter, the second through the
+            # reference's, in one forward (PEFT mixed adapter batch; eval mode only).
+            names = [model.pretrained_model.active_adapter, self._reference_adapter_name(model)]
+            for idx in first_epoch:
+                b = len(idx)
+                logprobs, values, entropy = self._forward(
+                    model, batch, torch.cat([idx, idx]), with_entropy=True, entropy_rows=b,
+                    adapter_names=[names[0]] * b + [names[1]] * b)
+                out["logprobs"][idx], out["values"][idx], out["entropy"][idx] = logprobs[:b], values[:b], entropy
+                out["ref"][idx] = logprobs[b:]
+            return out
         for idx in first_epoch:
             logprobs, values, entropy = self._forward(model, batch, idx, with_entropy=True)
             out["logprobs"][idx], out["values"][idx], out["entropy"][idx] = logprobs, values, entropy
