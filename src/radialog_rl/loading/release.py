@@ -280,7 +280,20 @@ def load_baseline_llava_model_with_vision_modules(
 
     Returns:
         The model, frozen and in eval mode, with ``model.loading_info`` (:class:`LoadingInfo`).
+
+    Under a DeepSpeed ZeRO-3 launch the model is loaded whole, outside ``zero.Init``
+    (:func:`~radialog_rl.loading.zero3.outside_zero3_init`); DeepSpeed partitions it when the run
+    prepares it.
     """
+    from radialog_rl.loading.zero3 import outside_zero3_init
+
+    with outside_zero3_init():
+        return _load_baseline(model_path, model_base, precision, device, device_map, dtype,
+                              vision_tower_path, allow_random_init, tokenizer, local_files_only)
+
+
+def _load_baseline(model_path, model_base, precision, device, device_map, dtype, vision_tower_path,
+                   allow_random_init, tokenizer, local_files_only) -> LlavaLlamaForCausalLM:
     spec = precision_spec(precision, dtype)
     model_path = model_path or RADIALOG_HUB_ID
     model_base = model_base or LLAVA_BASE_HUB_ID
