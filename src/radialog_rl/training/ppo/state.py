@@ -85,7 +85,11 @@ def save_checkpoint(trainer) -> Path:
     if acc.is_main_process:
         staging_dir(final, name=tmp.name)
     acc.wait_for_everyone()
-    torch.save(_rng_state(), tmp / f"rng_state_{acc.process_index}.pt")
+    # Each process draws from its own streams (seed + rank): all of them are kept per rank; the
+    # shared trainer_state.json keeps the main process's too (older checkpoints have only those).
+    rng = {**_rng_state(), "per_process": json.dumps({"reward_rng": _reward_rng_state(trainer.reward_fn),
+                                                       "python_numpy_rng": _python_numpy_rng()})}
+    torch.save(rng, tmp / f"rng_state_{acc.process_index}.pt")
     engine = getattr(trainer, "engine", "single")
     write_policy(trainer, tmp)  # every process: gathers ZeRO-3 / FSDP shards
     if engine in _SHARDED:
@@ -106,6 +110,8 @@ def save_checkpoint(trainer) -> Path:
             "config": trainer.config.to_dict(),
         }
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2, default=str))
+    acc.wait_for_everyone()  # every process's files (RNG, engine shards) are in before the rename
+    if acc.is_main_process:
         commit_dir(tmp, final, replace=True)  # a checkpoint of this step from before a resume
         _rotate(out, trainer.config.keep_checkpoints)
         logger.info("saved checkpoint %s", final)
@@ -181,6 +187,7 @@ def _save_engine_state(trainer, directory: Path) -> None:
     # DeepSpeed: only the trainable parameters (LoRA, value head) go into the engine's model file;
     # the frozen base is the release's and would add gigabytes per checkpoint.
     kwargs = {"exclude_frozen_parameters": True} if trainer.engine == "deepspeed" else {}
+    directory.mkdir(exist_ok=True)  # on every process: accelerate creates it on the main one only
     acc.save_state(str(directory), **kwargs)
 
 
@@ -282,12 +289,16 @@ def _restore(trainer, path: Path, state: dict) -> None:
     if state.get("reward_rng") and isinstance(rng, np.random.Generator):
         rng.bit_generator.state = state["reward_rng"]
     rng_file = path / f"rng_state_{acc.process_index}.pt"
+    own = {}
     if rng_file.is_file():
         rng_state = load_state_file(rng_file, what="RNG state")
         torch.set_rng_state(rng_state["torch"])
         if "cuda" in rng_state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng_state["cuda"])
-    pn = state.get("python_numpy_rng")
+        own = json.loads(rng_state.get("per_process", "{}"))
+    if own.get("reward_rng") and isinstance(rng, np.random.Generator):
+        rng.bit_generator.state = own["reward_rng"]  # this process's stream (the main one's is above)
+    pn = own.get("python_numpy_rng") or state.get("python_numpy_rng")
     if pn:
         import ast
 
