@@ -496,8 +496,13 @@ def run_sft(
 def _train_and_save(config: SFTConfig, args, resume: str | None, examples, callbacks) -> Path:
     from transformers import Trainer
 
+    from radialog_rl.loading.zero3 import outside_zero3_init
+    from radialog_rl.training.engines import check_engine, describe_engine
+
     output_dir = Path(args.output_dir)
-    model = build_sft_model(config)
+    # Whole on each process (device placement, BioViL-T's init); ZeRO-3 partitions it in train().
+    with outside_zero3_init():
+        model = build_sft_model(config)
     tokenizer = model.tokenizer
     model_config = model.get_base_model().config
     train_dataset, eval_dataset = build_datasets(config, tokenizer, model_config, examples=examples)
@@ -518,6 +523,8 @@ def _train_and_save(config: SFTConfig, args, resume: str | None, examples, callb
         processing_class=tokenizer,
         callbacks=all_callbacks or None,
     )
+    check_engine(trainer.accelerator)  # e.g. a DeepSpeed launch that would train plain DDP
+    logger.info("SFT runs under %s", describe_engine(trainer.accelerator))
     sharded = trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled
     if config.trains_non_lora and sharded:
         # Our projector file is written from the live parameters, which ZeRO-3 / FSDP partition.
