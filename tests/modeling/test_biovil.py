@@ -172,6 +172,20 @@ def test_other_image_sizes_compute_their_own_positional_embedding() -> None:
 # -- (3) frozen towers stay in eval ---------------------------------------------------------------
 
 
+def test_bf16_parameters_beside_fp32_running_stats_run_like_a_bf16_load() -> None:
+    """DeepSpeed's bf16 engines cast parameters only; BatchNorm's fp32 statistics must follow."""
+    reference = frozen(tiny()).to(torch.bfloat16).eval()  # what a bf16 load gives (buffers cast)
+    engine_cast = frozen(tiny()).eval()
+    for p in engine_cast.parameters():
+        p.data = p.data.to(torch.bfloat16)
+    assert engine_cast.encoder.encoder.bn1.running_mean.dtype == torch.float32
+    x = images().to(torch.bfloat16)
+    with torch.no_grad():
+        out = engine_cast(x)
+        assert torch.equal(out, reference(x))
+    assert all(m.running_var.dtype == torch.bfloat16 for m in engine_cast.modules() if isinstance(m, nn.BatchNorm2d))
+
+
 def test_frozen_tower_refuses_train_mode_and_keeps_running_stats() -> None:
     model = frozen(tiny())
     model.train()

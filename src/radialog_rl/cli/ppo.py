@@ -26,6 +26,7 @@ examples:
   radialog-rl ppo --config configs/ppo_tiny.yaml --print-config
   radialog-rl ppo --config configs/ppo_radialog.yaml --resume latest
   accelerate launch --num_processes 4 -m radialog_rl ppo --config configs/ppo_radialog.yaml
+  accelerate launch --config_file configs/accelerate/deepspeed_zero2.yaml -m radialog_rl ppo --config configs/ppo_radialog.yaml
   torchrun --nproc_per_node 2 -m radialog_rl ppo --config configs/ppo_tiny.yaml   # CPU, two processes"""
 
 

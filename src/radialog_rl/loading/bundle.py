@@ -39,6 +39,7 @@ from radialog_rl.loading.adapters import (
 )
 from radialog_rl.loading.precision import PrecisionSpec, precision_spec
 from radialog_rl.loading.release import LoadingInfo, load_release
+from radialog_rl.loading.zero3 import outside_zero3_init
 from radialog_rl.modeling.llava import LlavaLlamaForCausalLM, unwrap_llava
 from radialog_rl.modeling.value_head import LlavaWithValueHead, ReferenceMode
 
@@ -157,11 +158,19 @@ def merged_base(model_path: str | os.PathLike) -> str | None:
 def load_model(spec: ModelSpec) -> LoadedModel:
     """Load the model ``spec`` describes (module docstring: the steps).
 
+    Under a DeepSpeed ZeRO-3 launch everything (base, adapter, value head) is built whole on each
+    process, outside ``zero.Init`` (:mod:`.zero3`); DeepSpeed partitions it at ``prepare``.
+
     Raises:
         CheckpointError: a file is missing, damaged or does not fit (keys named).
         ConfigError: contradictory settings (a merge into 4-bit, a reference without an adapter...).
         OfflineError: a hub id while offline (the message names the local path to use).
     """
+    with outside_zero3_init():
+        return _load_model(spec)
+
+
+def _load_model(spec: ModelSpec) -> LoadedModel:
     adapter_kind = str(spec.adapter) if spec.adapter is not None else ADAPTER_NONE
     _check_spec(spec, adapter_kind)
     precision = precision_spec(spec.precision, spec.dtype)

@@ -47,6 +47,7 @@ from radialog_rl.loading.keys import (
 )
 from radialog_rl.loading.precision import PrecisionSpec, guard_cpu_4bit_layers, precision_spec
 from radialog_rl.loading.tokenizer import load_pretrained_llava_tokenizer_with_image_support
+from radialog_rl.loading.zero3 import outside_zero3_init
 from radialog_rl.modeling.llava import LlavaLlamaConfig, LlavaLlamaForCausalLM
 from radialog_rl.modeling.projector import build_mm_projector, projector_input_dim
 
@@ -317,7 +318,18 @@ def load_release(
     Returns:
         ``(model, tokenizer, info)``: the model frozen and in eval mode, the image-ready tokenizer its
         embeddings were sized against, and a :class:`LoadingInfo`.
+
+    Under a DeepSpeed ZeRO-3 launch the model is loaded whole, outside ``zero.Init``
+    (:func:`~radialog_rl.loading.zero3.outside_zero3_init`); DeepSpeed partitions it when the run
+    prepares it.
     """
+    with outside_zero3_init():
+        return _load_release(model_path, model_base, precision, device, device_map, vision_tower_path,
+                             allow_random_init, tokenizer, local_files_only)
+
+
+def _load_release(model_path, model_base, precision, device, device_map, vision_tower_path,
+                  allow_random_init, tokenizer, local_files_only):
     spec = precision if precision is not None else precision_spec()
     model_path = model_path or RADIALOG_HUB_ID
     model_base = model_base or LLAVA_BASE_HUB_ID

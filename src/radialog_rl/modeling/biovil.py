@@ -494,6 +494,24 @@ class BioViLTImageEncoder(nn.Module):
         if self.training and self.is_frozen():
             self.train(False)
 
+    def _align_batchnorm_buffers(self) -> int:
+        """Give each BatchNorm's running statistics its weight's dtype; returns how many changed.
+
+        ``module.to(dtype)`` casts buffers with the parameters, but DeepSpeed's bf16/fp16 engines
+        cast only parameters (and FSDP's mixed precision only what it shards), which leaves bf16
+        weights next to fp32 running statistics: ``expected scalar type BFloat16 but found Float``
+        in ``batch_norm``. Matching the weight gives exactly what a bf16 load has.
+        """
+        changed = 0
+        for module in self.modules():
+            if isinstance(module, nn.BatchNorm2d) and module.weight is not None and module.running_mean is not None:
+                dtype = module.weight.dtype
+                if module.running_mean.dtype != dtype:
+                    module.running_mean.data = module.running_mean.data.to(dtype)
+                    module.running_var.data = module.running_var.data.to(dtype)
+                    changed += 1
+        return changed
+
     # -- forward passes ---------------------------------------------------------------------------
 
     def forward(self, images: torch.Tensor, prior_images: torch.Tensor | None = None) -> torch.Tensor:
@@ -502,6 +520,7 @@ class BioViLTImageEncoder(nn.Module):
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be [B, 3, H, W], got {tuple(images.shape)}")
         self._stay_in_eval_if_frozen()
+        self._align_batchnorm_buffers()
         return self.encoder(images, prior_images)
 
     def patch_features(self, images: torch.Tensor, prior_images: torch.Tensor | None = None) -> torch.Tensor:

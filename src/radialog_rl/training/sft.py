@@ -474,7 +474,11 @@ def run_sft(
 def _train_and_save(config: SFTConfig, args, resume: str | None, examples, callbacks) -> Path:
     from transformers import Trainer
 
+    from radialog_rl.training.engines import check_engine, describe_engine
+
     output_dir = Path(args.output_dir)
+    # Whole on each process (device placement, BioViL-T's init: the loader steps outside zero.Init);
+    # ZeRO-3 partitions it in train().
     bundle = build_sft_model(config)
     model, tokenizer, model_config = bundle.model, bundle.tokenizer, bundle.llava.config
     train_dataset, eval_dataset = build_datasets(config, tokenizer, model_config, examples=examples)
@@ -495,6 +499,8 @@ def _train_and_save(config: SFTConfig, args, resume: str | None, examples, callb
         processing_class=tokenizer,
         callbacks=all_callbacks or None,
     )
+    check_engine(trainer.accelerator)  # e.g. a DeepSpeed launch that would train plain DDP
+    logger.info("SFT runs under %s", describe_engine(trainer.accelerator))
     sharded = trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled
     if config.trains_non_lora and sharded:
         # Our projector file is written from the live parameters, which ZeRO-3 / FSDP partition.

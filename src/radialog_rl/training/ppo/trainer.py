@@ -180,14 +180,19 @@ class PPOTrainer:
 
     def __init__(self, config: PPOConfig, model=None, tokenizer=None, reward_fn=None,
                  rows: list[PromptRow] | None = None, accelerator=None):
-        from accelerate import Accelerator
         from accelerate.utils import set_seed
 
+        from radialog_rl.training import engines
+
         self.config = config
-        # On a machine without CUDA, accelerate only forms a multi-process (gloo) group when told
-        # cpu=True; torchrun / `accelerate launch` then give DDP across CPU processes.
+        # On a machine without CUDA the process group is gloo on the CPU; DeepSpeed and FSDP stay
+        # available (see engines.make_accelerator), so an `accelerate launch` with a DeepSpeed config
+        # runs DeepSpeed, and a mismatch with the launcher is refused rather than run as DDP.
         cpu = str(config.device or "").startswith("cpu") or not torch.cuda.is_available()
-        self.accelerator = accelerator or Accelerator(cpu=cpu)
+        self.accelerator = accelerator or engines.make_accelerator(cpu)
+        engines.check_engine(self.accelerator)
+        self.engine = engines.engine_name(self.accelerator)
+        logger.info("PPO runs under %s", engines.describe_engine(self.accelerator))
         set_seed(config.seed + self.accelerator.process_index)  # different samples per process
         # Cheap checks first (output dir, resume target, reward, data): a typo must not cost a 7B load.
         self.output_dir = Path(config.output_dir)
@@ -217,6 +222,8 @@ class PPOTrainer:
             check_rows(self.eval_rows, reward_fn, what=f"PPO eval_file {config.eval_file}")
         self.best_value: float | None = None
         if model is None:
+            # The loader builds the model whole on each process (outside zero.Init); ZeRO-3
+            # partitions it at prepare.
             model = build_ppo_model(config, device=self.accelerator.device)
         if isinstance(model, LoadedModel):
             model, tokenizer = model.model, tokenizer or model.tokenizer
@@ -227,13 +234,12 @@ class PPOTrainer:
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=config.learning_rate, betas=config.adam_betas,
                                       eps=config.adam_eps, weight_decay=config.weight_decay)
+        self._deepspeed = self.engine == "deepspeed"
+        if self._deepspeed:  # no dataloader to read these from: ours are set (or checked) here
+            engines.set_deepspeed_batch_keys(self.accelerator, config.mini_batch_size,
+                                             config.gradient_accumulation_steps, config.max_grad_norm)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.model.eval()
-        from accelerate.utils import DistributedType
-
-        # Under DeepSpeed the engine accumulates and steps by itself; its config's
-        # gradient_accumulation_steps must equal ours (configs/accelerate_deepspeed_zero2.yaml).
-        self._deepspeed = self.accelerator.distributed_type == DistributedType.DEEPSPEED
         from transformers import get_scheduler
 
         updates = config.steps * config.ppo_epochs * self._optimizer_steps_per_epoch()
@@ -557,13 +563,17 @@ class PPOTrainer:
         cfg, timings = self.config, {}
         t0 = time.perf_counter()
         vision_before = self.vision_calls
-        batch = self.rollout()
+        from radialog_rl.training.engines import unsharded
+
+        with unsharded(self.accelerator, self.model):  # FSDP2: direct submodule calls below
+            batch = self.rollout()
         timings["time/rollout"] = time.perf_counter() - t0
 
         generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.step_count)
         epochs = self._minibatches(generator)
         t1 = time.perf_counter()
-        passes = self.score_passes(batch, epochs[0])
+        with unsharded(self.accelerator, self.model):
+            passes = self.score_passes(batch, epochs[0])
         advantages, returns, kl, non_score = self.advantages(batch, passes)
         mask = batch.mask.to(passes["logprobs"].dtype)
         timings["time/forward"] = time.perf_counter() - t1
@@ -574,6 +584,7 @@ class PPOTrainer:
             train_stats = self._train(batch, epochs, passes, advantages, returns, mask)
         finally:
             self.model.eval()  # generation and scoring run in eval mode (KV cache, no checkpointing)
+            self.accelerator.sync_gradients = True  # _train sets it per micro-batch
         timings["time/train"] = time.perf_counter() - t2
 
         # The controller sees the mean KL of the samples that count: skipped samples carry none.
@@ -606,6 +617,10 @@ class PPOTrainer:
                 for j, idx in enumerate(group):
                     m = mask[idx]
                     sync = j == len(group) - 1
+                    # DDP: no all-reduce before the group's last backward. DeepSpeed: accelerate's
+                    # backward steps the engine whenever sync_gradients is true, so it is set per
+                    # micro-batch (the engine steps once per group, like the optimizer below).
+                    acc.sync_gradients = sync
                     ctx = contextlib.nullcontext() if sync else acc.no_sync(self.model)
                     with ctx:
                         logprobs, values, _ = self._forward(self.model, batch, idx)
@@ -626,9 +641,10 @@ class PPOTrainer:
                             pg = vf = clipfrac = vf_clipfrac = approx_kl = ratio = torch.zeros(())
                             # a zero that keeps every parameter in the graph (DDP needs each rank's backward)
                             loss = (logprobs.sum() + values.sum()) * 0.0 + kl_part
-                        if not self._deepspeed:  # DeepSpeed divides by its own accumulation count
-                            loss = loss / len(group)
-                        acc.backward(loss)
+                        # The mean over the group's micro-batches (a last group may be shorter than
+                        # gradient_accumulation_steps); DeepSpeed must not divide again.
+                        loss = loss / len(group)
+                        acc.backward(loss, **({"scale_wrt_gas": False} if self._deepspeed else {}))
                     if epoch == 0 and start == 0 and j == 0 and m.any():
                         dev = ((logprobs - passes["logprobs"][idx]).exp() - 1).abs() * m
                         stats["first_ratio_max_dev"].append(float(dev.detach().max()))
@@ -637,9 +653,9 @@ class PPOTrainer:
                                         ("approx_kl", approx_kl), ("ratio", ratio)):
                         stats[name].append(float(value.detach()))
                     early_stop |= cfg.early_stopping and float(approx_kl) > 1.5 * cfg.target_kl
-                if cfg.max_grad_norm is not None:
+                if cfg.max_grad_norm is not None and not self._deepspeed:  # DeepSpeed clips in its step
                     acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
-                self.optimizer.step()
+                self.optimizer.step()  # under DeepSpeed a no-op: the engine stepped in backward
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 if cfg.early_stopping and self._any_process(early_stop):  # a collective: only if asked
@@ -720,9 +736,12 @@ class PPOTrainer:
         cfg = self.config
         rows = self.eval_rows if rows is None else rows
         texts: list[str] = []
-        for start in range(0, len(rows), cfg.eval_batch_size):
-            chunk = rows[start : start + cfg.eval_batch_size]
-            texts += self._sample(chunk, do_sample=False, max_new_tokens=cfg.eval_max_new_tokens)[-1]
+        from radialog_rl.training.engines import unsharded
+
+        with unsharded(self.accelerator, self.model):  # FSDP2: generation calls submodules directly
+            for start in range(0, len(rows), cfg.eval_batch_size):
+                chunk = rows[start : start + cfg.eval_batch_size]
+                texts += self._sample(chunk, do_sample=False, max_new_tokens=cfg.eval_max_new_tokens)[-1]
         scale = getattr(self.reward_fn, "scale", 10)
         metrics, per_row = evaluation_table([r.fields for r in rows], texts, scale, cfg.eval_group_by)
         metrics["step"] = self.step_count
@@ -741,10 +760,9 @@ class PPOTrainer:
         from radialog_rl.training.ppo.state import save_policy_files
 
         directory = Path(directory)
-        if self.accelerator.is_main_process:
-            save_policy_files(self.unwrapped, directory, eval_metrics)
-            if merged:
-                self._export_merged(directory)
+        save_policy_files(self, directory, eval_metrics)  # every process: sharded weights are gathered
+        if self.accelerator.is_main_process and merged:
+            self._export_merged(directory)
         self.accelerator.wait_for_everyone()
         return directory
 
