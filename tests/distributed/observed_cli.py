@@ -59,7 +59,7 @@ def _observe_ppo() -> None:
 def _observe_sft() -> None:
     from transformers import TrainerCallback
 
-    from radialog_rl.training import sft
+    from radialog_rl.training.sft import trainer as sft  # where run_sft looks the function up
 
     route = sft._route_logs_to_logging
 

@@ -4,17 +4,17 @@ The Trainer does the training loop: gradient accumulation, evaluation, checkpoin
 best-checkpoint selection, TensorBoard, and DDP / DeepSpeed / FSDP through accelerate. This module
 is the glue around it:
 
-* :class:`SFTConfig` (declared in :mod:`.sft_config`; ``trainer`` holds
+* :class:`SFTConfig` (declared in :mod:`.config`; ``trainer`` holds
   ``transformers.TrainingArguments`` fields) and :func:`load_sft_config` for YAML files;
 * :func:`build_sft_model`: RaDialog with its own LoRA trainable (``entry_point: radialog_lora``) or a
   fresh/saved adapter on the baseline or on a merged directory (``fresh_lora``), 16/8/4-bit;
   optionally the ``mm_projector`` trainable too;
-* :func:`build_datasets`: :class:`~radialog_rl.data.datasets.SFTDataset` sized from the model
-  config (image positions, crop, ``max_length``);
+* :func:`~.data.build_datasets` (:mod:`.data`): :class:`~radialog_rl.data.datasets.SFTDataset` sized
+  from the model config (image positions, crop, ``max_length``);
 * :func:`run_sft`: the stock ``Trainer`` with our collator, then the final adapter written to
   ``<output_dir>/adapter`` (PEFT layout: ``adapter_config.json`` + ``adapter_model.safetensors``,
   plus ``non_lora_trainables.safetensors`` when the projector was trained) and, with ``merge``, a
-  self-contained merged model in ``<output_dir>/merged``.
+  self-contained merged model in ``<output_dir>/merged`` (:mod:`.state`).
 
 Why the stock Trainer works without a subclass: the collator's batch has ``images`` (and maybe
 ``prior_images``) next to ``input_ids``/``labels``; with ``remove_unused_columns=False`` the Trainer
@@ -47,60 +47,26 @@ from typing import Any
 
 import torch
 
-from radialog_rl.atomic_dir import atomic_dir
-from radialog_rl.data.datasets import SFTCollator, SFTDataset, load_sft_jsonl
-from radialog_rl.data.images import ImageSizes
-from radialog_rl.errors import CheckpointError, ConfigError
-from radialog_rl.loading.adapters import attach_lora, radialog_lora_config, trainable_parameter_report
-from radialog_rl.loading.export import save_lora_merged_llava_model_to_local_dir, save_merged_model
-from radialog_rl.loading.files import save_tensor_file
-from radialog_rl.loading.bundle import ADAPTER_FRESH, ADAPTER_RELEASE, LoadedModel, ModelSpec, load_model, merged_base
+from radialog_rl.errors import ConfigError
+from radialog_rl.loading.adapters import radialog_lora_config, trainable_parameter_report
+from radialog_rl.loading.bundle import ADAPTER_FRESH, ADAPTER_RELEASE, LoadedModel, ModelSpec, load_model
 from radialog_rl.loading.precision import precision_spec
-from radialog_rl.loading.release import load_non_lora_trainables, load_release
-from radialog_rl.modeling.llava import unwrap_llava
-from radialog_rl.training.preflight import check_rows
-from radialog_rl.training.run_dir import (
-    RunLock,
-    check_not_locked,
-    check_run_dir,
-    remove_run_files,
-    resolve_checkpoint,
-)
-from radialog_rl.training.sft_config import (
-    ENTRY_POINTS,
-    TRAINER_DEFAULTS,
-    SFTConfig,
-    apply_overrides,
-    load_sft_config,
+from radialog_rl.training.run_dir import RunLock, check_not_locked, check_run_dir, remove_run_files
+from radialog_rl.training.sft.config import TRAINER_DEFAULTS, SFTConfig
+from radialog_rl.training.sft.data import build_datasets, read_examples, sft_collator
+from radialog_rl.training.sft.state import (
+    ADAPTER_SUBDIR,
+    MERGED_SUBDIR,
+    RUN_FILES,
+    load_projector,
+    merge_sft_adapter,
+    require_merged_base,
+    resolve_resume_checkpoint,
+    save_projector,
+    save_sft_adapter,
 )
 
 logger = logging.getLogger(__name__)
-
-__all__ = [
-    "ENTRY_POINTS",
-    "NON_LORA_TRAINABLES_FILE",
-    "SFTConfig",
-    "build_datasets",
-    "build_sft_model",
-    "build_training_arguments",
-    "load_sft_config",
-    "merge_sft_adapter",
-    "resolve_resume_checkpoint",
-    "run_sft",
-    "save_sft_adapter",
-]
-
-#: The trained projector, beside the adapter, with RaDialog's ``base_model.model.model.*`` keys.
-NON_LORA_TRAINABLES_FILE = "non_lora_trainables.safetensors"
-#: Subdirectories of ``output_dir`` written at the end of :func:`run_sft`.
-ADAPTER_SUBDIR = "adapter"
-MERGED_SUBDIR = "merged"
-#: What an SFT run writes into ``trainer.output_dir`` (what ``overwrite`` may remove).
-RUN_FILES = ("checkpoint-*", ADAPTER_SUBDIR, MERGED_SUBDIR, "trainer_state.json", "sft_config.json", "runs")
-
-# --------------------------------------------------------------------------------------------------
-# Training arguments, model, data
-# --------------------------------------------------------------------------------------------------
 
 
 def resolve_device(config: SFTConfig) -> str:
@@ -203,7 +169,7 @@ def build_sft_model(config: SFTConfig) -> LoadedModel:
             overrides = {"r": config.lora_r, "lora_alpha": config.lora_alpha, "lora_dropout": config.lora_dropout,
                          "target_modules": config.lora_target_modules}
             lora_config = radialog_lora_config(**{k: v for k, v in overrides.items() if v is not None})
-        spec = spec.with_(model_base=config.model_base or _merged_base(config.model_path),
+        spec = spec.with_(model_base=config.model_base or require_merged_base(config.model_path),
                           adapter=config.adapter_path if config.adapter_path is not None else ADAPTER_FRESH,
                           lora_config=lora_config)
     bundle = load_model(spec)
@@ -214,173 +180,6 @@ def build_sft_model(config: SFTConfig) -> LoadedModel:
     if config.trains_non_lora:
         trainable_parameter_report(bundle.model)
     return bundle
-
-
-def _merged_base(model_path: str) -> str:
-    """``model_base`` for a merged directory: the directory itself when it holds LLM weights."""
-    found = merged_base(model_path)
-    if found is None:
-        raise ConfigError(
-            f"model_base is not set and {model_path} holds no LLM weights: give model_base (the base "
-            "LLaVA-1.5 directory) or a merged directory as model_path"
-        )
-    return found
-
-
-def _read_examples(config: SFTConfig):
-    if not config.train_file:
-        raise ConfigError("train_file is required (a JSONL file of image conversations)")
-    train = load_sft_jsonl(config.train_file)
-    check_rows(train, what=f"SFT train_file {config.train_file}")  # image headers, before loading
-    evaluation = load_sft_jsonl(config.eval_file) if config.eval_file else None
-    if evaluation:
-        check_rows(evaluation, what=f"SFT eval_file {config.eval_file}")
-    return train, evaluation
-
-
-def build_datasets(config: SFTConfig, tokenizer, model_config, *, examples=None):
-    """``(train_dataset, eval_dataset_or_None)`` as :class:`SFTDataset` sized from the model config.
-
-    Args:
-        config: the SFT config (files, label policy, max_length, overflow).
-        tokenizer: the model's (fast) tokenizer.
-        model_config: the ``LlavaLlamaConfig`` (``num_image_tokens``, ``image_size``,
-            ``tokenizer_model_max_length``).
-        examples: ``(train_examples, eval_examples_or_None)`` already read with ``load_sft_jsonl``
-            (default: read ``train_file`` / ``eval_file`` now).
-
-    Images are resized so the shorter side is ``round(image_size * 512 / 448)`` px, then centre
-    cropped to ``image_size`` px: RaDialog's 512 -> 448 ratio at any tower size.
-    """
-    train_examples, eval_examples = examples if examples is not None else _read_examples(config)
-    image_size = int(model_config.image_size)
-    kwargs = dict(
-        num_image_tokens=int(model_config.num_image_tokens),
-        image_size=image_size,
-        resize=ImageSizes.for_crop(image_size).resize,
-        label_policy=config.label_policy,
-        max_length=config.max_length or getattr(model_config, "tokenizer_model_max_length", None),
-        overflow=config.overflow,
-    )
-    if config.system_prompt is not None:
-        kwargs["system"] = config.system_prompt
-    train = SFTDataset(train_examples, tokenizer, **kwargs)
-    evaluation = SFTDataset(eval_examples, tokenizer, **kwargs) if eval_examples else None
-    return train, evaluation
-
-
-def _collator(tokenizer, model_config):
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else model_config.pad_token_id
-    return SFTCollator(pad, padding_side="right")
-
-
-# --------------------------------------------------------------------------------------------------
-# Saving, resuming, merging
-# --------------------------------------------------------------------------------------------------
-
-
-def projector_state_dict(model) -> dict[str, torch.Tensor]:
-    """The projector's tensors under RaDialog's ``non_lora_trainables`` keys
-    (``base_model.model.model.mm_projector.*``), and the whole vision tower's
-    (``base_model.model.model.vision_tower.*``, BatchNorm statistics included) when it is trained."""
-    llava = unwrap_llava(model)
-    state = {f"base_model.model.model.mm_projector.{k}": v
-             for k, v in llava.model.mm_projector.state_dict().items()}
-    tower = llava.model.vision_tower
-    if any(p.requires_grad for p in tower.parameters()):
-        state.update({f"base_model.model.model.vision_tower.{k}": v for k, v in tower.state_dict().items()})
-    return state
-
-
-def save_projector(model, directory: str | os.PathLike) -> Path:
-    """Write :func:`projector_state_dict` to ``directory/non_lora_trainables.safetensors``."""
-    path = Path(directory) / NON_LORA_TRAINABLES_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_tensor_file(projector_state_dict(model), path)
-    return path
-
-
-def load_projector(model, directory: str | os.PathLike) -> None:
-    """Load ``directory/non_lora_trainables.safetensors`` into the model's projector (strict)."""
-    path = Path(directory) / NON_LORA_TRAINABLES_FILE
-    if not path.is_file():
-        raise CheckpointError(f"{directory} has no {NON_LORA_TRAINABLES_FILE}, but train_projector or train_vision_tower is on: "
-                              "was this checkpoint written by a run that trained the projector?")
-    llava = unwrap_llava(model)
-    load_non_lora_trainables(llava, path)
-
-
-def save_sft_adapter(model, directory: str | os.PathLike, *, with_projector: bool = False) -> Path:
-    """Save adapter "default" as a PEFT directory (``adapter_config.json`` +
-    ``adapter_model.safetensors``), plus the projector when ``with_projector``.
-
-    Written to a temporary sibling first and renamed, so an interrupted save never leaves a mix of
-    old and new files (an existing ``directory`` is replaced).
-    """
-    directory = Path(directory)
-    with atomic_dir(directory, replace=True) as tmp:
-        # save_embedding_layers=False: embeddings are frozen, and "auto" reloads the base config
-        # (a hub lookup when model_base is a hub id) only to compare vocabulary sizes.
-        model.save_pretrained(str(tmp), selected_adapters=["default"], save_embedding_layers=False)
-        if with_projector:
-            save_projector(model, tmp)
-    logger.info("saved the SFT adapter to %s", directory)
-    return directory
-
-
-def resolve_resume_checkpoint(resume: str | os.PathLike | None, output_dir: str | os.PathLike) -> str | None:
-    """``"latest"`` / ``"previous"`` -> the newest / second-newest ``checkpoint-N`` in ``output_dir``;
-    a path -> itself. Checked before any model loads: a truncated ``trainer_state.json`` or torch
-    state file is named (and, for ``latest``, ``--resume previous`` suggested)."""
-    if resume is None:
-        return None
-    return str(resolve_checkpoint(resume, output_dir, _check_trainer_checkpoint, "a Trainer"))
-
-
-def _check_trainer_checkpoint(path: Path) -> None:
-    problem = _checkpoint_damage(path)
-    if problem:
-        raise CheckpointError(f"checkpoint {path} is damaged: {problem}")
-
-
-def _checkpoint_damage(path: Path) -> str | None:
-    """What is wrong with a Trainer checkpoint's files (cheap: JSON parse, zip directories), or None."""
-    import zipfile
-
-    try:
-        json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        return f"trainer_state.json is missing, truncated or not JSON ({' '.join(str(exc).split())})"
-    for file in sorted(path.glob("*.pt")) + sorted(path.glob("*.pth")):
-        if not zipfile.is_zipfile(file):
-            return f"{file.name} is truncated or not a torch state file"
-    return None
-
-
-def merge_sft_adapter(config: SFTConfig, adapter_dir: str | os.PathLike,
-                      out_dir: str | os.PathLike) -> Path:
-    """Merge a trained adapter (and trained projector) into the 16-bit base; save a self-contained dir.
-
-    Always in 16-bit on the CPU, whatever the training precision: merging into 4-bit weights would
-    re-quantise them. With a trained projector the baseline is loaded, the projector replaced, then
-    the adapter merged (``save_lora_merged_llava_model_to_local_dir`` takes no projector).
-    """
-    adapter_dir = Path(adapter_dir)
-    model_base = config.model_base
-    if config.entry_point == "fresh_lora" and not model_base:
-        model_base = _merged_base(config.model_path)
-    if not (adapter_dir / NON_LORA_TRAINABLES_FILE).is_file():
-        return save_lora_merged_llava_model_to_local_dir(
-            out_dir, adapter_dir, model_path=config.model_path, model_base=model_base,
-            dtype=config.merge_dtype, device="cpu", overwrite=True,  # merged/ in our run dir is ours
-        )
-    # The trained projector / tower go into the base before the adapter is merged on top.
-    model, tokenizer, _ = load_release(config.model_path, model_base, precision_spec("16bit", config.merge_dtype),
-                                       device="cpu")
-    load_projector(model, adapter_dir)
-    merged = attach_lora(model, adapter_dir, trainable=False).merge_and_unload()
-    merged.config.use_cache = True
-    return save_merged_model(merged, tokenizer, out_dir, overwrite=True)
 
 
 def _projector_callback():
@@ -405,7 +204,11 @@ def _route_logs_to_logging(trainer) -> None:
     Stdout stays free for what a command means to output (the CLI's result line, the demo's tables);
     the progress bar (stderr) stays.
     """
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback, TrainerCallback
+    from transformers.trainer_callback import (
+        PrinterCallback,
+        ProgressCallback,
+        TrainerCallback,
+    )
 
     class _LogCallback(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):
@@ -421,11 +224,6 @@ def _route_logs_to_logging(trainer) -> None:
     if trainer.pop_callback(ProgressCallback) is not None:
         trainer.add_callback(_BarOnlyProgressCallback())
     trainer.add_callback(_LogCallback())
-
-
-# --------------------------------------------------------------------------------------------------
-# The run
-# --------------------------------------------------------------------------------------------------
 
 
 def run_sft(
@@ -463,7 +261,7 @@ def run_sft(
     check_run_dir(output_dir, RUN_FILES, resume=resume_from_checkpoint is not None,
                   overwrite=config.overwrite, what="SFT")
     resume = resolve_resume_checkpoint(resume_from_checkpoint, output_dir)
-    examples = _read_examples(config)  # bad rows fail here, before minutes of model loading
+    examples = read_examples(config)  # bad rows fail here, before minutes of model loading
     # The main process holds the output dir for the run's life (another run there is refused).
     with RunLock(output_dir) if main_process else contextlib.nullcontext():
         if main_process and config.overwrite:
@@ -495,7 +293,7 @@ def _train_and_save(config: SFTConfig, args, resume: str | None, examples, callb
         args=args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
-        data_collator=_collator(tokenizer, model_config),
+        data_collator=sft_collator(tokenizer, model_config),
         processing_class=tokenizer,
         callbacks=all_callbacks or None,
     )

@@ -51,7 +51,7 @@ TRAINER_DEFAULTS: dict[str, Any] = {
     "remove_unused_columns": False,
     # Evaluation only needs the loss; keeping [B, T, 32000] logits per batch costs gigabytes.
     "prediction_loss_only": True,
-    # Every trainable parameter is used in every forward (training/sft.py docstring); True would
+    # Every trainable parameter is used in every forward (training/sft/trainer.py docstring); True would
     # add a graph traversal per step and a DDP warning.
     "ddp_find_unused_parameters": False,
     "label_names": ["labels"],
