@@ -6,7 +6,7 @@ What is compared
                   ``radialog_lora`` entry point, the adapter disabled for ``fresh_lora``).
     ``separate``  what the earlier RaDialog PPO and legacy TRL did: a ``copy.deepcopy`` of the whole
                   policy model (trunk, vision tower, projector, adapter, value head), frozen, made
-                  before the trainer is built and held for the whole run; ``score_passes`` is
+                  before the trainer is built and held for the whole run; ``old_policy_pass`` is
                   overridden (in this file; the trainer is not modified) to take the reference
                   log-probs from that copy.
 
@@ -23,7 +23,7 @@ Method
       reported.
     * Time per phase is the trainer's own ``time/rollout``, ``time/forward`` (the scoring passes plus
       KL penalty, GAE and whitening, which are negligible), ``time/train`` and ``time/step``.
-    * Peak memory per phase is measured around ``rollout``, ``score_passes`` and ``_train`` (thin
+    * Peak memory per phase is measured around ``rollout``, ``old_policy_pass`` and ``_train`` (thin
       wrappers in a subclass). On CPU: process RSS, sampled every ``--sample-ms`` by a background
       thread (psutil when importable, else ``/proc/self/status`` VmRSS) and, on Linux, also the
       kernel's exact high-water mark ``VmHWM`` reset at each phase start via ``/proc/self/clear_refs``;
@@ -109,7 +109,7 @@ def make_trainer_classes():
     """The two benchmarked trainers (built in the worker, after the memory baseline is taken)."""
     import torch
 
-    from radialog_rl.training.ppo.trainer import PPOTrainer
+    from radialog_rl.training.ppo.trainer import OldPolicyPass, PPOTrainer
 
     class ProbedPPOTrainer(PPOTrainer):
         """PPOTrainer whose three phases report their peak memory to ``self.probe``."""
@@ -121,9 +121,9 @@ def make_trainer_classes():
             with self.probe.phase(self.phase_memory, "rollout"):
                 return super().rollout()
 
-        def score_passes(self, batch, first_epoch):
+        def old_policy_pass(self, batch, first_epoch):
             with self.probe.phase(self.phase_memory, "score"):
-                return super().score_passes(batch, first_epoch)
+                return super().old_policy_pass(batch, first_epoch)
 
         def _train(self, *args, **kwargs):
             with self.probe.phase(self.phase_memory, "train"):
@@ -143,18 +143,18 @@ def make_trainer_classes():
             super().__init__(config, model=model, **kwargs)
 
         @torch.no_grad()
-        def score_passes(self, batch, first_epoch):
-            # PPOTrainer.score_passes with the reference forward on the copy instead of
+        def old_policy_pass(self, batch, first_epoch):
+            # PPOTrainer.old_policy_pass with the reference forward on the copy instead of
             # `with model.reference_policy():` on the policy itself.
             with self.probe.phase(self.phase_memory, "score"):
                 model = self.unwrapped
                 shape = batch.response_ids.shape
-                out = {k: torch.zeros(shape, device=batch.input_ids.device)
-                       for k in ("logprobs", "values", "entropy", "ref")}
+                zeros = lambda: torch.zeros(shape, device=batch.input_ids.device)  # noqa: E731
+                out = OldPolicyPass(logprobs=zeros(), values=zeros(), entropy=zeros(), ref_logprobs=zeros())
                 for idx in first_epoch:
                     logprobs, values, entropy = self._forward(model, batch, idx, with_entropy=True)
-                    out["logprobs"][idx], out["values"][idx], out["entropy"][idx] = logprobs, values, entropy
-                    out["ref"][idx] = self._forward(self.reference_model, batch, idx)[0]
+                    out.logprobs[idx], out.values[idx], out.entropy[idx] = logprobs, values, entropy
+                    out.ref_logprobs[idx] = self._forward(self.reference_model, batch, idx)[0]
                 return out
 
     return {"shared": ProbedPPOTrainer, "separate": SeparateReferencePPOTrainer}

@@ -97,8 +97,9 @@ def test_kl_as_a_loss_term_is_zero_at_the_start_and_rewards_hold_only_the_score(
     trainer = PPOTrainer(_config(tiny_release, qa_data, tmp_path, kl_penalty="loss", kl_estimator="k3"),
                          reward_fn=_span_reward(lambda t: (0, 1) if t else None))
     batch = trainer.rollout()
-    passes = trainer.score_passes(batch, [torch.arange(2), torch.arange(2, 4)])
-    _, _, kl, non_score = trainer.advantages(batch, passes)
+    passes = trainer.old_policy_pass(batch, [torch.arange(2), torch.arange(2, 4)])
+    adv = trainer.advantages(batch, passes)
+    kl, non_score = adv.kl, adv.non_score
     assert torch.equal(non_score, torch.zeros_like(non_score))  # no KL in the rewards
     assert kl.abs().max() == 0  # the fresh policy equals the reference (RaDialog adapter copy)
     metrics = trainer.step()
@@ -113,10 +114,10 @@ def test_rloo_groups_share_one_image_encoding_and_prompt(tiny_release, qa_data, 
     assert trainer.vision_calls - calls == 1  # one tower call for the 2 distinct prompts
     assert batch.rows[0] is batch.rows[1] and batch.rows[2] is batch.rows[3]
     torch.testing.assert_close(batch.image_features[0], batch.image_features[1])
-    passes = trainer.score_passes(batch, [torch.arange(2), torch.arange(2, 4)])
+    passes = trainer.old_policy_pass(batch, [torch.arange(2), torch.arange(2, 4)])
     # Unwhitened: in each pair a sample's advantage is its score minus its sibling's.
     config.whiten_advantages = False
-    raw, _, _, _ = trainer.advantages(batch, passes)
+    raw = trainer.advantages(batch, passes).advantages
     for g in (0, 2):
         a, b = batch.raw_scores[g], batch.raw_scores[g + 1]
         row_adv = raw[g][batch.mask[g].bool()]

@@ -70,12 +70,12 @@ def test_mixed_adapter_scoring_equals_the_separate_passes(tiny_release, qa_data,
                 p.add_(0.05 * torch.randn_like(p))
     batch = trainer.rollout()
     epoch = [torch.tensor([3, 1]), torch.tensor([0, 2])]
-    separate = trainer.score_passes(batch, epoch)
+    separate = trainer.old_policy_pass(batch, epoch)
     trainer.config.mixed_adapter_scoring = True
-    mixed = trainer.score_passes(batch, epoch)
-    assert not torch.allclose(separate["logprobs"], separate["ref"])
-    for key in ("logprobs", "values", "entropy", "ref"):
-        torch.testing.assert_close(mixed[key], separate[key], rtol=0, atol=1e-5)
+    mixed = trainer.old_policy_pass(batch, epoch)
+    assert not torch.allclose(separate.logprobs, separate.ref_logprobs)
+    for key in ("logprobs", "values", "entropy", "ref_logprobs"):
+        torch.testing.assert_close(getattr(mixed, key), getattr(separate, key), rtol=0, atol=1e-5)
 
 
 def test_mixed_adapter_scoring_keeps_the_first_ratio_and_kl(tiny_release, qa_data, tmp_path):

@@ -67,10 +67,10 @@ def test_logprobs_match_the_samplers_at_the_same_temperature(tiny_release, qa_da
     batch = trainer.rollout()
     sampler_logprobs = torch.log_softmax(recorded["scores"], -1).gather(
         -1, batch.response_ids.unsqueeze(-1)).squeeze(-1)
-    passes = trainer.score_passes(batch, [torch.arange(4)])
+    passes = trainer.old_policy_pass(batch, [torch.arange(4)])
     valid = batch.attention_mask[:, batch.query_length:].bool()
     assert valid.sum() > 0 and batch.image_features.shape == (4, 16, 128)
-    torch.testing.assert_close(passes["logprobs"][valid], sampler_logprobs[valid], rtol=0, atol=1e-5)
+    torch.testing.assert_close(passes.logprobs[valid], sampler_logprobs[valid], rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("flow", ["radialog_lora", "fresh_lora", "radialog_lora+checkpointing"])
@@ -89,8 +89,8 @@ def test_first_ratio_is_exactly_one_and_kl_is_zero(tiny_release, qa_data, merged
     assert not any(m.p for m in trainer.unwrapped.modules() if isinstance(m, torch.nn.Dropout))
     # After the update the policy has moved away from the reference.
     batch = trainer.rollout()
-    passes = trainer.score_passes(batch, [torch.arange(4)])
-    assert not torch.equal(passes["logprobs"], passes["ref"])
+    passes = trainer.old_policy_pass(batch, [torch.arange(4)])
+    assert not torch.equal(passes.logprobs, passes.ref_logprobs)
 
 
 def test_nan_scores_stop_the_step_naming_the_samples(tiny_release, qa_data, tmp_path):

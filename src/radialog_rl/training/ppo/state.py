@@ -38,6 +38,9 @@ import torch
 
 from radialog_rl.atomic_dir import commit_dir, staging_dir
 from radialog_rl.errors import CheckpointError, RadialogError
+from radialog_rl.loading.adapters import VALUE_HEAD_FILE, load_lora_weights, load_value_head, read_adapter
+from radialog_rl.loading.files import load_state_file, load_tensor_file, save_tensor_file
+from radialog_rl.training.engines import gathered
 from radialog_rl.training.run_dir import list_checkpoints, resolve_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -63,16 +66,34 @@ def _rng_state() -> dict:
 
 
 def _python_numpy_rng() -> dict:
+    """Python's and NumPy's global RNG states as plain JSON (lists of ints; no ``repr``/``eval``)."""
+    version, internal, gauss_next = random.getstate()
     np_state = np.random.get_state()
     return {
-        "python": repr(random.getstate()),
+        "python": [version, list(internal), gauss_next],
         "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
     }
 
 
-def _reward_rng_state(reward_fn) -> dict | None:
+def _set_python_numpy_rng(state: dict) -> None:
+    """Inverse of :func:`_python_numpy_rng`."""
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    numpy = state["numpy"]
+    np.random.set_state((numpy[0], np.array(numpy[1], dtype=np.uint32), *numpy[2:]))
+
+
+def reward_rng_state(reward_fn) -> dict | None:
+    """The reward's exploration RNG state (a NumPy ``Generator`` on ``reward_fn.rng``), or None."""
     rng = getattr(reward_fn, "rng", None)
     return rng.bit_generator.state if isinstance(rng, np.random.Generator) else None
+
+
+def set_reward_rng_state(reward_fn, state: dict | None) -> None:
+    """Inverse of :func:`reward_rng_state` (no-op when either side has no RNG)."""
+    rng = getattr(reward_fn, "rng", None)
+    if state and isinstance(rng, np.random.Generator):
+        rng.bit_generator.state = state
 
 
 def save_checkpoint(trainer) -> Path:
@@ -87,7 +108,7 @@ def save_checkpoint(trainer) -> Path:
     acc.wait_for_everyone()
     # Each process draws from its own streams (seed + rank): all of them are kept per rank; the
     # shared trainer_state.json keeps the main process's too (older checkpoints have only those).
-    rng = {**_rng_state(), "per_process": json.dumps({"reward_rng": _reward_rng_state(trainer.reward_fn),
+    rng = {**_rng_state(), "per_process": json.dumps({"reward_rng": reward_rng_state(trainer.reward_fn),
                                                        "python_numpy_rng": _python_numpy_rng()})}
     torch.save(rng, tmp / f"rng_state_{acc.process_index}.pt")
     engine = getattr(trainer, "engine", "single")
@@ -99,11 +120,7 @@ def save_checkpoint(trainer) -> Path:
             torch.save(trainer.optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(trainer.scheduler.state_dict(), tmp / "scheduler.pt")
         state = {
-            "step": trainer.step_count,
-            "kl_controller": trainer.kl_ctl.state_dict(),
-            "score_moments": trainer.score_moments.state_dict(),
-            "sampler": trainer.sampler.state_dict(),
-            "reward_rng": _reward_rng_state(trainer.reward_fn),
+            **trainer.state_dict(),  # step, KL controller, score moments, data order, reward RNG
             "python_numpy_rng": _python_numpy_rng(),
             "num_processes": acc.num_processes,
             "engine": engine,
@@ -120,9 +137,6 @@ def save_checkpoint(trainer) -> Path:
 
 
 def _save_value_head(model, directory: Path) -> None:
-    from radialog_rl.loading.adapters import VALUE_HEAD_FILE
-    from radialog_rl.loading.files import save_tensor_file
-
     save_tensor_file(model.value_head_state_dict(), directory / VALUE_HEAD_FILE)
 
 
@@ -136,8 +150,6 @@ def write_policy(trainer, directory: Path | None) -> None:
     Raises:
         CheckpointError: a written tensor is empty (a shard was saved instead of the full weight).
     """
-    from radialog_rl.training.engines import gathered
-
     acc = trainer.accelerator
     model = trainer.unwrapped
     if getattr(trainer, "engine", "single") == "fsdp":
@@ -157,9 +169,6 @@ def write_policy(trainer, directory: Path | None) -> None:
 
 def _write_policy_from_state(model, full: dict, directory: Path) -> None:
     """The FSDP path: adapter and value head from a gathered state dict of the wrapped root."""
-    from radialog_rl.loading.adapters import VALUE_HEAD_FILE
-    from radialog_rl.loading.files import save_tensor_file
-
     prefix = "pretrained_model."
     policy = {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
     model.pretrained_model.save_pretrained(str(directory / "adapter"), selected_adapters=["default"],
@@ -170,9 +179,6 @@ def _write_policy_from_state(model, full: dict, directory: Path) -> None:
 
 def check_not_empty(directory: Path) -> None:
     """Refuse an exported adapter or value head holding an empty tensor (a ZeRO-3 placeholder)."""
-    from radialog_rl.loading.adapters import VALUE_HEAD_FILE
-    from radialog_rl.loading.files import load_tensor_file
-
     for file in [directory / VALUE_HEAD_FILE, *sorted((directory / "adapter").glob("*.safetensors"))]:
         for key, tensor in load_tensor_file(file, what="saved policy").items():
             if tensor.numel() == 0:
@@ -255,9 +261,6 @@ def load_checkpoint(trainer, path: Path) -> None:
 
 
 def _restore(trainer, path: Path, state: dict) -> None:
-    from radialog_rl.loading.adapters import load_lora_weights, load_value_head, read_adapter
-    from radialog_rl.loading.files import load_state_file
-
     acc = trainer.accelerator
     written, running = state.get("engine", "single"), getattr(trainer, "engine", "single")
     if (written in _SHARDED or running in _SHARDED) and written != running:
@@ -281,13 +284,7 @@ def _restore(trainer, path: Path, state: dict) -> None:
         load_value_head(model, path)
         trainer.optimizer.load_state_dict(load_state_file(path / "optimizer.pt", what="optimizer state"))
     trainer.scheduler.load_state_dict(load_state_file(path / "scheduler.pt", what="scheduler state"))
-    trainer.kl_ctl.load_state_dict(state["kl_controller"])
-    trainer.score_moments.load_state_dict(state["score_moments"])
-    trainer.sampler.load_state_dict(state["sampler"])
-    trainer.step_count = int(state["step"])
-    rng = getattr(trainer.reward_fn, "rng", None)
-    if state.get("reward_rng") and isinstance(rng, np.random.Generator):
-        rng.bit_generator.state = state["reward_rng"]
+    trainer.load_state_dict(state)
     rng_file = path / f"rng_state_{acc.process_index}.pt"
     own = {}
     if rng_file.is_file():
@@ -296,14 +293,10 @@ def _restore(trainer, path: Path, state: dict) -> None:
         if "cuda" in rng_state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng_state["cuda"])
         own = json.loads(rng_state.get("per_process", "{}"))
-    if own.get("reward_rng") and isinstance(rng, np.random.Generator):
-        rng.bit_generator.state = own["reward_rng"]  # this process's stream (the main one's is above)
+    set_reward_rng_state(trainer.reward_fn, own.get("reward_rng"))  # this process's stream (main's: above)
     pn = own.get("python_numpy_rng") or state.get("python_numpy_rng")
     if pn:
-        import ast
-
-        random.setstate(ast.literal_eval(pn["python"]))
-        np.random.set_state((pn["numpy"][0], np.array(pn["numpy"][1], dtype=np.uint32), *pn["numpy"][2:]))
+        _set_python_numpy_rng(pn)
 
 
 def save_policy_files(trainer, directory: Path, eval_metrics: dict | None = None) -> Path:

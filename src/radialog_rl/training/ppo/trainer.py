@@ -51,7 +51,14 @@ from radialog_rl.training.ppo.rollout import (
     user_message,
 )
 from radialog_rl.training.ppo.running_moments import RunningMoments, clip_scores, normalize_scores
-from radialog_rl.training.ppo.state import RUN_FILES, find_checkpoint, load_checkpoint, save_checkpoint
+from radialog_rl.training.ppo.state import (
+    RUN_FILES,
+    find_checkpoint,
+    load_checkpoint,
+    reward_rng_state,
+    save_checkpoint,
+    set_reward_rng_state,
+)
 from radialog_rl.training.preflight import check_rows, load_config_reward
 from radialog_rl.training.run_dir import (
     RunLock,
@@ -96,6 +103,29 @@ class Rollout:
     @property
     def query_length(self) -> int:
         return self.input_ids.shape[1] - self.response_ids.shape[1]
+
+
+@dataclass
+class OldPolicyPass:
+    """What the no-grad passes computed for one rollout, each ``[B, Tr]`` (float32), aligned with
+    ``Rollout.response_ids``: the sampling policy's log-probs of the sampled tokens (PPO's "old"
+    log-probs), its values, its entropy, and the reference policy's log-probs."""
+
+    logprobs: torch.Tensor
+    values: torch.Tensor
+    entropy: torch.Tensor
+    ref_logprobs: torch.Tensor
+
+
+@dataclass
+class Advantages:
+    """Step 4's output, each ``[B, Tr]``: advantages, value targets (returns), the per-token KL
+    (for logging and the controller) and the KL part of the rewards (``-beta * kl`` or 0)."""
+
+    advantages: torch.Tensor
+    returns: torch.Tensor
+    kl: torch.Tensor
+    non_score: torch.Tensor
 
 
 def response_logit_positions(total_length: int, response_length: int, device=None) -> torch.Tensor:
@@ -259,7 +289,38 @@ class PPOTrainer:
         self.image_resize = config.image_resize or ImageSizes.for_crop(self.image_size).resize
         llava.model.vision_tower.register_forward_hook(self._count_vision_call)
         if self._resume_path is not None:
-            load_checkpoint(self, self._resume_path)
+            self.load_checkpoint(self._resume_path)
+
+    # -- checkpoints ---------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """The trainer's own state, as plain JSON: step, KL controller, running score moments, data
+        order and the reward's exploration RNG (model, optimizer and scheduler have their own files)."""
+        return {
+            "step": self.step_count,
+            "kl_controller": self.kl_ctl.state_dict(),
+            "score_moments": self.score_moments.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "reward_rng": reward_rng_state(self.reward_fn),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Inverse of :meth:`state_dict`."""
+        self.kl_ctl.load_state_dict(state["kl_controller"])
+        self.score_moments.load_state_dict(state["score_moments"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.step_count = int(state["step"])
+        set_reward_rng_state(self.reward_fn, state.get("reward_rng"))
+
+    def save_checkpoint(self) -> Path:
+        """Write ``output_dir/checkpoint-<step>`` atomically (every process calls this; file layout
+        in :mod:`radialog_rl.training.ppo.state`)."""
+        return save_checkpoint(self)
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        """Restore everything :meth:`save_checkpoint` wrote (policy, value head, optimizer,
+        scheduler, :meth:`state_dict`, RNG streams)."""
+        load_checkpoint(self, Path(path))
 
     def _check_output_dir(self) -> Path | None:
         """Refuse a locked or previously used output dir (no --resume/--overwrite); the checkpoint
@@ -499,7 +560,7 @@ class PPOTrainer:
                 for _ in range(cfg.ppo_epochs)]
 
     @torch.no_grad()
-    def score_passes(self, batch: Rollout, first_epoch: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    def old_policy_pass(self, batch: Rollout, first_epoch: list[torch.Tensor]) -> OldPolicyPass:
         """Old log-probs, values, entropy and reference log-probs over ``first_epoch``'s minibatches.
 
         Using the exact minibatches (shapes and rows) of the first training epoch makes the first
@@ -507,7 +568,8 @@ class PPOTrainer:
         """
         model = self.unwrapped
         shape = batch.response_ids.shape
-        out = {k: torch.zeros(shape, device=batch.input_ids.device) for k in ("logprobs", "values", "entropy", "ref")}
+        zeros = lambda: torch.zeros(shape, device=batch.input_ids.device)  # noqa: E731
+        out = OldPolicyPass(logprobs=zeros(), values=zeros(), entropy=zeros(), ref_logprobs=zeros())
         if self.config.mixed_adapter_scoring:
             # Rows [idx ; idx]: the first half through the policy's adapter, the second through the
             # reference's, in one forward (PEFT mixed adapter batch; eval mode only).
@@ -517,31 +579,30 @@ class PPOTrainer:
                 logprobs, values, entropy = self._forward(
                     model, batch, torch.cat([idx, idx]), with_entropy=True, entropy_rows=b,
                     adapter_names=[names[0]] * b + [names[1]] * b)
-                out["logprobs"][idx], out["values"][idx], out["entropy"][idx] = logprobs[:b], values[:b], entropy
-                out["ref"][idx] = logprobs[b:]
+                out.logprobs[idx], out.values[idx], out.entropy[idx] = logprobs[:b], values[:b], entropy
+                out.ref_logprobs[idx] = logprobs[b:]
             return out
         for idx in first_epoch:
             logprobs, values, entropy = self._forward(model, batch, idx, with_entropy=True)
-            out["logprobs"][idx], out["values"][idx], out["entropy"][idx] = logprobs, values, entropy
+            out.logprobs[idx], out.values[idx], out.entropy[idx] = logprobs, values, entropy
             with model.reference_policy():
-                out["ref"][idx] = self._forward(model, batch, idx)[0]
+                out.ref_logprobs[idx] = self._forward(model, batch, idx)[0]
         return out
 
     # -- 4: advantages ----------------------------------------------------------------------------
-    def advantages(self, batch: Rollout, passes: dict[str, torch.Tensor]):
-        """Per-token rewards, advantages and returns for one rollout.
+    def advantages(self, batch: Rollout, passes: OldPolicyPass) -> Advantages:
+        """Per-token rewards, advantages and returns for one rollout (:class:`Advantages`).
 
-        Returns ``(advantages, returns, kl, non_score)``, each ``[B, Tr]``. ``kl`` (for logging and
-        the KL controller) is charged over ``batch.kl_mask``; with ``kl_penalty: reward`` it also
+        ``kl`` (for logging and the KL controller) is charged over ``batch.kl_mask``; with ``kl_penalty: reward`` it also
         enters the rewards (``non_score = -beta * kl``), else it is a loss term (see ``_train``).
         """
         cfg = self.config
-        mask = batch.mask.to(passes["logprobs"].dtype)
+        mask = batch.mask.to(passes.logprobs.dtype)
         kl_mask = batch.kl_mask.to(mask.dtype)
         beta = self.kl_ctl.value if cfg.kl_penalty == "reward" else 0.0
         # With kl_penalty "loss", beta is 0 here: the rewards hold only the score, and kl (returned
         # unscaled) is for logging and the controller; the KL itself enters the loss in _train.
-        rewards, non_score, kl = L.compute_token_rewards(batch.scores, passes["logprobs"], passes["ref"],
+        rewards, non_score, kl = L.compute_token_rewards(batch.scores, passes.logprobs, passes.ref_logprobs,
                                                          kl_mask, beta, cfg.kl_estimator, score_mask=mask)
         if cfg.advantage_estimator == "rloo":
             returns_seq = batch.scores + non_score.sum(1)
@@ -552,10 +613,10 @@ class PPOTrainer:
             # GAE runs over every charged or optimised token, so KL penalties after the span (EOS)
             # reach the span's advantages; the policy loss then uses the span only.
             gae_mask = ((mask > 0) | (kl_mask > 0)).to(mask.dtype)
-            advantages, returns = L.gae(rewards, passes["values"], gae_mask, cfg.gamma, cfg.lam)
+            advantages, returns = L.gae(rewards, passes.values, gae_mask, cfg.gamma, cfg.lam)
         if cfg.whiten_advantages and mask.sum() > 1:
             advantages = L.masked_whiten(advantages, mask)
-        return advantages, returns, kl, non_score
+        return Advantages(advantages=advantages, returns=returns, kl=kl, non_score=non_score)
 
     # -- one step -----------------------------------------------------------------------------------
     def step(self) -> dict[str, float]:
@@ -573,37 +634,39 @@ class PPOTrainer:
         epochs = self._minibatches(generator)
         t1 = time.perf_counter()
         with unsharded(self.accelerator, self.model):
-            passes = self.score_passes(batch, epochs[0])
-        advantages, returns, kl, non_score = self.advantages(batch, passes)
-        mask = batch.mask.to(passes["logprobs"].dtype)
+            passes = self.old_policy_pass(batch, epochs[0])
+        adv = self.advantages(batch, passes)
+        mask = batch.mask.to(passes.logprobs.dtype)
         timings["time/forward"] = time.perf_counter() - t1
 
         t2 = time.perf_counter()
         self.model.train()
         try:
-            train_stats = self._train(batch, epochs, passes, advantages, returns, mask)
+            train_stats = self._train(batch, epochs, passes, adv, mask)
         finally:
             self.model.eval()  # generation and scoring run in eval mode (KV cache, no checkpointing)
             self.accelerator.sync_gradients = True  # _train sets it per micro-batch
         timings["time/train"] = time.perf_counter() - t2
 
         # The controller sees the mean KL of the samples that count: skipped samples carry none.
-        valid = batch.valid.to(kl.device)
+        valid = batch.valid.to(adv.kl.device)
         n_valid = int(self.accelerator.gather(valid.sum().reshape(1)).sum())
-        mean_kl = self._global_sum((kl * batch.kl_mask).sum(1)[valid].sum()) / max(n_valid, 1)
+        mean_kl = self._global_sum((adv.kl * batch.kl_mask).sum(1)[valid].sum()) / max(n_valid, 1)
         beta = self.kl_ctl.value
         self.kl_ctl.update(mean_kl, max(n_valid, 1))
         self.step_count += 1
         timings["time/step"] = time.perf_counter() - t0
-        metrics = self._metrics(batch, passes, mask, kl, non_score, returns, train_stats, mean_kl, beta)
+        metrics = self._metrics(batch, passes, adv, train_stats, mean_kl=mean_kl, beta=beta)
         metrics.update(timings)
         metrics["vision_tower_calls"] = self.vision_calls - vision_before
         generated = float(batch.attention_mask[:, batch.query_length:].sum())
         metrics["tokens_per_second"] = generated / max(timings["time/rollout"], 1e-9)
         return metrics
 
-    def _train(self, batch, epochs, passes, advantages, returns, mask) -> dict[str, list[float]]:
+    def _train(self, batch: Rollout, epochs, passes: OldPolicyPass, adv: Advantages,
+               mask: torch.Tensor) -> dict[str, list[float]]:
         cfg, acc = self.config, self.accelerator
+        advantages, returns = adv.advantages, adv.returns
         stats: dict[str, list[float]] = {k: [] for k in ("policy_loss", "value_loss", "kl_loss", "clipfrac",
                                                           "vf_clipfrac", "approx_kl", "ratio",
                                                           "first_ratio_max_dev")}
@@ -625,15 +688,15 @@ class PPOTrainer:
                     with ctx:
                         logprobs, values, _ = self._forward(self.model, batch, idx)
                         pg, clipfrac, approx_kl, ratio = L.policy_loss(
-                            logprobs, passes["logprobs"][idx], advantages[idx], m, cfg.cliprange)
+                            logprobs, passes.logprobs[idx], advantages[idx], m, cfg.cliprange)
                         if use_value:
-                            vf, vf_clipfrac = L.value_loss(values, passes["values"][idx], returns[idx], m,
+                            vf, vf_clipfrac = L.value_loss(values, passes.values[idx], returns[idx], m,
                                                            cfg.cliprange_value)
                         else:
                             vf = vf_clipfrac = (values.sum() * 0.0)  # keep the value head in the graph (DDP)
                         kl_part, klv = 0.0, torch.zeros((), device=logprobs.device)
                         if cfg.kl_penalty == "loss":
-                            kl_term, klv = L.kl_loss(logprobs, passes["ref"][idx], kl_mask[idx], cfg.kl_estimator)
+                            kl_term, klv = L.kl_loss(logprobs, passes.ref_logprobs[idx], kl_mask[idx], cfg.kl_estimator)
                             kl_part = self.kl_ctl.value * kl_term
                         if m.any():
                             loss = pg + cfg.vf_coef * vf + kl_part
@@ -646,7 +709,7 @@ class PPOTrainer:
                         loss = loss / len(group)
                         acc.backward(loss, **({"scale_wrt_gas": False} if self._deepspeed else {}))
                     if epoch == 0 and start == 0 and j == 0 and m.any():
-                        dev = ((logprobs - passes["logprobs"][idx]).exp() - 1).abs() * m
+                        dev = ((logprobs - passes.logprobs[idx]).exp() - 1).abs() * m
                         stats["first_ratio_max_dev"].append(float(dev.detach().max()))
                     for name, value in (("policy_loss", pg), ("value_loss", vf), ("kl_loss", klv),
                                         ("clipfrac", clipfrac), ("vf_clipfrac", vf_clipfrac),
@@ -674,15 +737,19 @@ class PPOTrainer:
         t = torch.tensor([float(flag)], device=self.accelerator.device)
         return bool(self.accelerator.gather(t).max() > 0)
 
-    def _metrics(self, batch, passes, mask, kl, non_score, returns, train_stats, mean_kl, beta) -> dict:
+    def _metrics(self, batch: Rollout, passes: OldPolicyPass, adv: Advantages,
+                 train_stats: dict[str, list[float]], *, mean_kl: float, beta: float) -> dict:
+        """The step's metrics (TRL's names where TRL had one), from what the step computed."""
         mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
+        mask = batch.mask.to(passes.logprobs.dtype)
+        non_score, returns = adv.non_score, adv.returns
         valid_scores = batch.raw_scores[batch.valid]
-        values = passes["values"]
+        values = passes.values
         metrics = {
             "step": self.step_count,
             "objective/kl": mean_kl,
             "objective/kl_coef": beta,
-            "objective/entropy": float(L.masked_mean(passes["entropy"], mask)) if mask.any() else float("nan"),
+            "objective/entropy": float(L.masked_mean(passes.entropy, mask)) if mask.any() else float("nan"),
             "objective/non_score_reward": self._global_mean(non_score.sum(1)),
             "objective/kl_loss": mean(train_stats["kl_loss"]),
             "env/score_mean": self._global_mean(valid_scores) if len(valid_scores) else float("nan"),
@@ -834,7 +901,7 @@ class PPOTrainer:
                 self._log_eval(evaluation)
                 self._after_eval(evaluation)
             if self.step_count % cfg.save_every == 0 or self.step_count == total:
-                save_checkpoint(self)
+                self.save_checkpoint()
         bar.close()
         final_eval = None
         if self.eval_rows:
