@@ -491,3 +491,17 @@ def test_jsonl_to_batch_end_to_end(tmp_path, tok):
         for i, label in zip(row_ids, row_labels):
             if i in digits:
                 assert label == IGN
+
+
+def test_pad_rows_left_and_right_with_masks():
+    from radialog_rl.padding import pad_rows
+
+    rows = [torch.tensor([1, 2, 3]), torch.tensor([4])]
+    right, right_mask = pad_rows(rows, 0)
+    left, left_mask = pad_rows(rows, -1, side="left")
+    assert right.tolist() == [[1, 2, 3], [4, 0, 0]] and right_mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert left.tolist() == [[1, 2, 3], [-1, -1, 4]] and left_mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    ids, mask = pad_rows([[5, 6], [7]], 9, dtype=torch.int32)
+    assert ids.dtype == torch.int32 and ids.tolist() == [[5, 6], [7, 9]] and mask.dtype == torch.long
+    with pytest.raises(ConfigError, match="left' or 'right"):
+        pad_rows(rows, 0, side="middle")

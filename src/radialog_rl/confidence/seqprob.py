@@ -37,6 +37,7 @@ from radialog_rl.errors import ConfigError
 from radialog_rl.generation import _unwrap
 from radialog_rl.loading.tokenizer import batch_tokenize_image_prompts
 from radialog_rl.modeling.llava import expand_image_tokens
+from radialog_rl.padding import pad_rows
 from radialog_rl.training.ppo.losses import gather_logprobs
 
 __all__ = ["ScoredResponses", "SeqProbConfig", "score_responses", "sequence_confidence"]
@@ -108,12 +109,8 @@ def score_responses(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     ids, mask = batch_tokenize_image_prompts(list(prompts), tokenizer, padding_side="left")
     query = expand_image_tokens(ids, llava.num_image_tokens, mask, pad_token_id=pad_id)
-    width = max(len(r) for r in responses)
-    response_ids = torch.full((len(responses), width), pad_id, dtype=torch.long)
-    response_mask = torch.zeros((len(responses), width), dtype=torch.long)
-    for b, row in enumerate(responses):
-        response_ids[b, : len(row)] = torch.tensor(list(row), dtype=torch.long)
-        response_mask[b, : len(row)] = 1
+    response_ids, response_mask = pad_rows([list(r) for r in responses], pad_id)
+    width = response_ids.shape[1]
     response_ids, response_mask = response_ids.to(device), response_mask.to(device)
     out = policy(
         input_ids=torch.cat([query.input_ids.to(device), response_ids], 1),

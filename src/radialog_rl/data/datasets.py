@@ -47,6 +47,7 @@ from radialog_rl.data.images import DEFAULT_CROP, DEFAULT_RESIZE, load_chest_xra
 from radialog_rl.data.prompts import EOS_TEXT, SYSTEM_PROMPT, render_conversation, report_prompt
 from radialog_rl.data.rows import RowErrors, jsonl_objects, require_file
 from radialog_rl.errors import ConfigError, DataError, ImageError
+from radialog_rl.padding import PADDING_SIDES, pad_rows
 
 __all__ = [
     "LABEL_POLICIES",
@@ -504,7 +505,7 @@ class SFTCollator:
         if pad_token_id is None:
             raise ConfigError("pad_token_id is None; RaDialog pads with eos (tokenizer.pad_token = "
                               "tokenizer.eos_token)")
-        if padding_side not in ("left", "right"):
+        if padding_side not in PADDING_SIDES:
             raise ConfigError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         self.pad_token_id = int(pad_token_id)
         self.padding_side = padding_side
@@ -512,16 +513,9 @@ class SFTCollator:
     def __call__(self, items: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         if not items:
             raise DataError("cannot collate an empty batch")
-        width = max(len(item["input_ids"]) for item in items)
-        input_ids = torch.full((len(items), width), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(items), width), IGNORE_INDEX, dtype=torch.long)
-        attention_mask = torch.zeros((len(items), width), dtype=torch.long)
-        for b, item in enumerate(items):
-            n = len(item["input_ids"])
-            sl = slice(width - n, width) if self.padding_side == "left" else slice(0, n)
-            input_ids[b, sl] = item["input_ids"]
-            labels[b, sl] = item["labels"]
-            attention_mask[b, sl] = 1
+        side = self.padding_side
+        input_ids, attention_mask = pad_rows([item["input_ids"] for item in items], self.pad_token_id, side=side)
+        labels, _ = pad_rows([item["labels"] for item in items], IGNORE_INDEX, side=side)
         batch = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,

@@ -287,13 +287,28 @@ def load_value_head(model: LlavaWithValueHead, path: str | os.PathLike) -> None:
     )
 
 
+def save_default_adapter(peft_model: nn.Module, directory: str | os.PathLike,
+                         state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    """Save adapter "default" of a ``PeftModel`` as a PEFT directory (``adapter_config.json`` +
+    ``adapter_model.safetensors``); ``state_dict``: the (gathered) weights to write instead of the
+    live ones. The PPO ``reference`` copy is never saved.
+
+    ``save_embedding_layers=False``: the embeddings are frozen, and PEFT's "auto" reloads the base
+    config (a hub lookup when the base is a hub id) only to compare vocabulary sizes.
+    """
+    directory = Path(directory)
+    extra = {} if state_dict is None else {"state_dict": state_dict}
+    peft_model.save_pretrained(str(directory), selected_adapters=["default"], save_embedding_layers=False, **extra)
+    return directory
+
+
 def save_value_head_model(model: LlavaWithValueHead, directory: str | os.PathLike) -> Path:
     """Save the policy adapter (PEFT directory, adapter "default" only) plus ``value_head.safetensors``."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     policy = model.pretrained_model
     if hasattr(policy, "save_pretrained") and hasattr(policy, "peft_config"):
-        policy.save_pretrained(str(directory), selected_adapters=["default"], save_embedding_layers=False)
+        save_default_adapter(policy, directory)
     save_tensor_file(model.value_head_state_dict(), directory / VALUE_HEAD_FILE)
     return directory
 

@@ -23,6 +23,7 @@ from radialog_rl.constants import (
 )
 from radialog_rl.errors import CheckpointError
 from radialog_rl.loading.files import resolve_model_dir
+from radialog_rl.padding import pad_rows
 
 logger = logging.getLogger(__name__)
 
@@ -115,12 +116,5 @@ def batch_tokenize_image_prompts(prompts: list[str], tokenizer, padding_side: st
         ``(input_ids [B, T], attention_mask [B, T])``; padding with ``tokenizer.pad_token_id``.
     """
     rows = [tokenizer_image_token(p, tokenizer) for p in prompts]
-    width = max(len(r) for r in rows)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        sl = slice(width - len(row), width) if padding_side == "left" else slice(0, len(row))
-        input_ids[i, sl] = torch.tensor(row, dtype=torch.long)
-        attention_mask[i, sl] = 1
-    return input_ids, attention_mask
+    return pad_rows(rows, pad_id, side=padding_side)

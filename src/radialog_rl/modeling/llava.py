@@ -35,6 +35,7 @@ from radialog_rl.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from radialog_rl.errors import ConfigError, DataError
 from radialog_rl.modeling.biovil import BioViLConfig, BioViLTImageEncoder
 from radialog_rl.modeling.projector import build_mm_projector
+from radialog_rl.padding import pad_rows
 
 #: Vision towers this implementation can build (RaDialog's config says "biovil").
 SUPPORTED_VISION_TOWERS = ("biovil", "biovil-t", "biovil_t")
@@ -194,14 +195,7 @@ def expand_image_tokens(
         new_mask.append(torch.ones_like(new_ids[-1]))
 
     def pad(rows: list[torch.Tensor], value: int) -> torch.Tensor:
-        width = max(len(r) for r in rows)
-        out = rows[0].new_full((len(rows), width), value)
-        for i, r in enumerate(rows):
-            if padding_side == "left":
-                out[i, width - len(r) :] = r
-            else:
-                out[i, : len(r)] = r
-        return out
+        return pad_rows(rows, value, side=padding_side)[0]
 
     mask_out = None
     if attention_mask is not None:

@@ -38,7 +38,13 @@ import torch
 
 from radialog_rl.atomic_dir import commit_dir, staging_dir
 from radialog_rl.errors import CheckpointError, RadialogError
-from radialog_rl.loading.adapters import VALUE_HEAD_FILE, load_lora_weights, load_value_head, read_adapter
+from radialog_rl.loading.adapters import (
+    VALUE_HEAD_FILE,
+    load_lora_weights,
+    load_value_head,
+    read_adapter,
+    save_default_adapter,
+)
 from radialog_rl.loading.files import load_state_file, load_tensor_file, save_tensor_file
 from radialog_rl.training.engines import gathered
 from radialog_rl.training.run_dir import list_checkpoints, resolve_checkpoint
@@ -160,8 +166,7 @@ def write_policy(trainer, directory: Path | None) -> None:
         trainable = [p for p in model.parameters() if p.requires_grad]
         with gathered(acc, trainable):
             if acc.is_main_process:
-                model.pretrained_model.save_pretrained(str(directory / "adapter"), selected_adapters=["default"],
-                                                       save_embedding_layers=False)
+                save_default_adapter(model.pretrained_model, directory / "adapter")
                 _save_value_head(model, directory)
     if acc.is_main_process:
         check_not_empty(directory)
@@ -171,8 +176,7 @@ def _write_policy_from_state(model, full: dict, directory: Path) -> None:
     """The FSDP path: adapter and value head from a gathered state dict of the wrapped root."""
     prefix = "pretrained_model."
     policy = {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
-    model.pretrained_model.save_pretrained(str(directory / "adapter"), selected_adapters=["default"],
-                                           save_embedding_layers=False, state_dict=policy)
+    save_default_adapter(model.pretrained_model, directory / "adapter", state_dict=policy)
     head = {k: v.detach().cpu().float() for k, v in full.items() if k.startswith("v_head.")}
     save_tensor_file(head, directory / VALUE_HEAD_FILE)
 

@@ -38,6 +38,7 @@ from radialog_rl.errors import ConfigError, RadialogError
 from radialog_rl.loading.adapters import radialog_lora_config
 from radialog_rl.loading.bundle import ADAPTER_FRESH, ADAPTER_RELEASE, LoadedModel, ModelSpec, load_model
 from radialog_rl.modeling.value_head import ReferenceMode
+from radialog_rl.padding import pad_rows
 from radialog_rl.training.ppo import losses as L
 from radialog_rl.training.ppo.config import PPOConfig
 from radialog_rl.training.ppo.kl_control import make_kl_controller
@@ -509,13 +510,8 @@ class PPOTrainer:
                 ended = bool(ids) and ids[-1] == eos
                 ids = self.tokenizer(new, add_special_tokens=False).input_ids + ([eos] if ended else [])
             rows.append(ids)
-        width = max(len(r) for r in rows)
-        out = response.new_full((len(rows), width), self.pad_token_id)
-        mask = response_mask.new_zeros((len(rows), width))
-        for i, ids in enumerate(rows):
-            out[i, : len(ids)] = torch.tensor(ids, dtype=out.dtype)
-            mask[i, : len(ids)] = 1
-        return out, mask
+        out, mask = pad_rows(rows, self.pad_token_id, dtype=response.dtype)
+        return out.to(response.device), mask.to(device=response.device, dtype=response_mask.dtype)
 
     def _process_scores(self, scores: torch.Tensor, valid: torch.Tensor, eos_seen: torch.Tensor) -> torch.Tensor:
         cfg = self.config

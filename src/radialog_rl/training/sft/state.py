@@ -17,7 +17,7 @@ import torch
 
 from radialog_rl.atomic_dir import atomic_dir
 from radialog_rl.errors import CheckpointError, ConfigError
-from radialog_rl.loading.adapters import attach_lora
+from radialog_rl.loading.adapters import attach_lora, save_default_adapter
 from radialog_rl.loading.bundle import merged_base
 from radialog_rl.loading.export import save_lora_merged_llava_model_to_local_dir, save_merged_model
 from radialog_rl.loading.files import save_tensor_file
@@ -79,9 +79,7 @@ def save_sft_adapter(model, directory: str | os.PathLike, *, with_projector: boo
     """
     directory = Path(directory)
     with atomic_dir(directory, replace=True) as tmp:
-        # save_embedding_layers=False: embeddings are frozen, and "auto" reloads the base config
-        # (a hub lookup when model_base is a hub id) only to compare vocabulary sizes.
-        model.save_pretrained(str(tmp), selected_adapters=["default"], save_embedding_layers=False)
+        save_default_adapter(model, tmp)
         if with_projector:
             save_projector(model, tmp)
     logger.info("saved the SFT adapter to %s", directory)
