@@ -142,15 +142,20 @@ def bin_table(
     return table
 
 
+def _count_weighted_mean(table: list[BinStats], per_bin) -> float:
+    """Σ_b (n_b/N)·per_bin(b) over the bins of ``table``; NaN when N = 0."""
+    n = sum(b.count for b in table)
+    if n == 0:
+        return math.nan
+    return float(sum(b.count / n * per_bin(b) for b in table))
+
+
 def expected_calibration_error(
     confidences: ArrayLike, accuracies: ArrayLike, scale: int = 10, num_bins: int | None = None
 ) -> float:
     """ECE = Σ_b (n_b/N)·|mean accuracy_b − value_b| over non-empty bins (§D); NaN if N = 0."""
     table = bin_table(confidences, accuracies, scale, num_bins)
-    n = sum(b.count for b in table)
-    if n == 0:
-        return math.nan
-    return float(sum(b.count / n * abs(b.mean_accuracy - b.value) for b in table))
+    return _count_weighted_mean(table, lambda b: abs(b.mean_accuracy - b.value))
 
 
 def _normalised_dispersion(b: BinStats) -> float:
@@ -166,10 +171,7 @@ def sigma_cbnd(
 ) -> float:
     """σ_CBND = Σ_b (n_b/N)·d_b, the confidence-bin normalised dispersion (§D); NaN if N = 0."""
     table = bin_table(confidences, accuracies, scale, num_bins)
-    n = sum(b.count for b in table)
-    if n == 0:
-        return math.nan
-    return float(sum(b.count / n * _normalised_dispersion(b) for b in table))
+    return _count_weighted_mean(table, _normalised_dispersion)
 
 
 def d_nckl(

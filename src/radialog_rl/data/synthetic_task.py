@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 
 from radialog_rl.calibration.prompts import CONFIDENCE_SCALES, qa_sft_target
 from radialog_rl.data.images import make_synthetic_chest_xray
-from radialog_rl.data.text_lines import NOT_UTF8, numbered_lines
+from radialog_rl.data.rows import RowErrors, jsonl_objects, require_file
 from radialog_rl.errors import ConfigError, DataError
 
 __all__ = [
@@ -543,20 +543,8 @@ def read_task_rows(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     Raises:
         DataError: the file is missing or a line is not a JSON object (message gives the line).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"task file not found: {path}")
-    rows = []
-    for number, line in numbered_lines(path):  # the shared reader: BOM and non-UTF-8 lines handled
-        if line is None:
-            raise DataError(f"{path} line {number}: {NOT_UTF8}")
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path} line {number}: invalid JSON: {e.msg}") from e
-        if not isinstance(row, dict):
-            raise DataError(f"{path} line {number}: expected a JSON object")
-        rows.append(row)
+    path = require_file(path, "task file")
+    errors = RowErrors(path)
+    rows = [row.data for row in jsonl_objects(path, errors)]  # BOM and non-UTF-8 lines handled
+    errors.raise_if_any()
     return rows
