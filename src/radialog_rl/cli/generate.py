@@ -160,18 +160,19 @@ def load_inference_model(args: argparse.Namespace):
     """
     from radialog_rl.loading.bundle import ADAPTER_NONE, ModelSpec, load_model
     from radialog_rl.loading.files import resolve_model_dir
+    from radialog_rl.loading.precision import precision_spec
 
     started = time.perf_counter()
     release_dir = resolve_model_dir(args.model_path or RADIALOG_HUB_ID, what="RaDialog release",
                                     required_files=["config.json"])
     adapter = _adapter(args, release_dir)
+    merge = adapter != ADAPTER_NONE and not precision_spec(args.precision, args.dtype).quantized
     bundle = load_model(ModelSpec(
         model_path=release_dir, model_base=args.model_base, precision=args.precision, device=args.device,
-        dtype=args.dtype, vision_tower_path=args.vision_tower_path, adapter=adapter,
-        merge=adapter != ADAPTER_NONE and args.precision == "16bit",
+        dtype=args.dtype, vision_tower_path=args.vision_tower_path, adapter=adapter, merge=merge,
     ))
     logger.info("LoRA adapter: %s", "none" if bundle.adapter is None else
-                f"{bundle.adapter} ({'merged' if args.precision == '16bit' else 'applied'})")
+                f"{bundle.adapter} ({'merged' if merge else 'applied'})")
     logger.info("model loaded in %.1f s", time.perf_counter() - started)
     bundle.model.eval()
     return bundle

@@ -31,6 +31,7 @@ from radialog_rl.constants import RADIALOG_HUB_ID
 from radialog_rl.errors import CheckpointError
 from radialog_rl.loading.files import find_first, load_tensor_file, resolve_model_dir, save_tensor_file
 from radialog_rl.loading.keys import KeyReport, load_state_dict_checked
+from radialog_rl.loading.precision import parse_dtype
 from radialog_rl.modeling.value_head import REFERENCE_ADAPTER_NAME, LlavaWithValueHead, ReferenceMode
 
 logger = logging.getLogger(__name__)
@@ -232,9 +233,7 @@ def prepare_quantized_for_training(model: nn.Module, gradient_checkpointing: boo
 
     compute_dtype = model.model.embed_tokens.weight.dtype
     quant = getattr(model.config, "quantization_config", None)
-    compute_dtype = getattr(quant, "bnb_4bit_compute_dtype", None) or compute_dtype
-    if isinstance(compute_dtype, str):
-        compute_dtype = getattr(torch, compute_dtype.removeprefix("torch."))
+    compute_dtype = parse_dtype(getattr(quant, "bnb_4bit_compute_dtype", None) or compute_dtype)
     model = prepare_model_for_kbit_training(
         model, use_gradient_checkpointing=gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},

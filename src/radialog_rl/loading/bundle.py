@@ -240,7 +240,7 @@ def _check_spec(spec: ModelSpec, adapter_kind: str) -> None:
             raise ConfigError("merge=True needs an adapter to merge")
         if spec.trainable or spec.value_head:
             raise ConfigError("merge=True gives an inference model: it cannot be trainable or carry a value head")
-        if spec.precision != "16bit":
+        if precision_spec(spec.precision, spec.dtype).quantized:
             raise ConfigError(f"refusing to merge into a {spec.precision} base: that re-quantises the "
                               "merged weights; load in 16bit to merge")
     if spec.value_head_path is not None and not spec.value_head:

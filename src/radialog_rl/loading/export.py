@@ -27,6 +27,7 @@ from radialog_rl.errors import ConfigError
 from radialog_rl.loading.adapters import radialog_adapter_path
 from radialog_rl.loading.bundle import ModelSpec, load_model
 from radialog_rl.loading.files import save_tensor_file
+from radialog_rl.loading.precision import precision_spec
 from radialog_rl.loading.release import PROJECTOR_PREFIX, VISION_PREFIX
 
 logger = logging.getLogger(__name__)
@@ -119,7 +120,7 @@ def save_lora_merged_llava_model_to_local_dir(
     Returns:
         The output directory.
     """
-    if precision != "16bit" and not force:
+    if precision_spec(precision, dtype).quantized and not force:
         raise ConfigError(
             f"refusing to merge into a {precision} base: that re-quantises the merged weights. Merge "
             "in 16-bit (the default) or pass force=True"
