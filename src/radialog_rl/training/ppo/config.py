@@ -177,6 +177,10 @@ class PPOConfig(RunSection, LoraSection, ModelSection):  # fields: model, LoRA, 
     """Rows per evaluation batch."""
     eval_max_new_tokens: PositiveInt | None = None
     """Longest evaluation response (default max_new_tokens)."""
+    eval_confidence_decoding: Literal["value", "token"] = "value"
+    """How greedy evaluation picks the stated confidence: "value" scores every value 0..scale as a
+    whole (the tokenizer spells "10" as "1" "0", so token-level greedy compares p(1)+p(10) with
+    p(7); radialog_rl/value_greedy.py), "token" keeps plain token-level greedy decoding."""
     eval_group_by: list[str] = Field(default_factory=list)
     """Row fields to report the mean confidence per group of."""
     best_metric: str | None = None

@@ -39,6 +39,7 @@ from radialog_rl.loading.adapters import radialog_lora_config
 from radialog_rl.loading.bundle import ADAPTER_FRESH, ADAPTER_RELEASE, LoadedModel, ModelSpec, load_model
 from radialog_rl.modeling.value_head import ReferenceMode
 from radialog_rl.padding import pad_rows
+from radialog_rl.value_greedy import choose_confidence_values
 from radialog_rl.training.ppo import losses as L
 from radialog_rl.training.ppo.config import PPOConfig
 from radialog_rl.training.ppo.kl_control import make_kl_controller
@@ -802,10 +803,17 @@ class PPOTrainer:
         from radialog_rl.training.engines import unsharded
 
         with unsharded(self.accelerator, self.model):  # FSDP2: generation calls submodules directly
+            scale = getattr(self.reward_fn, "scale", 10)
             for start in range(0, len(rows), cfg.eval_batch_size):
                 chunk = rows[start : start + cfg.eval_batch_size]
-                texts += self._sample(chunk, do_sample=False, max_new_tokens=cfg.eval_max_new_tokens)[-1]
-        scale = getattr(self.reward_fn, "scale", 10)
+                _, query, features, _, _, chunk_texts = self._sample(
+                    chunk, do_sample=False, max_new_tokens=cfg.eval_max_new_tokens)
+                if cfg.eval_confidence_decoding == "value":
+                    device = self.accelerator.device
+                    chunk_texts = choose_confidence_values(
+                        self.unwrapped, self.tokenizer, query.input_ids.to(device),
+                        query.attention_mask.to(device), features, chunk_texts, scale)
+                texts += chunk_texts
         metrics, per_row = evaluation_table([r.fields for r in rows], texts, scale, cfg.eval_group_by)
         metrics["step"] = self.step_count
         if write and self.accelerator.is_main_process:
