@@ -46,6 +46,7 @@ Usage
     python benchmarks/ppo_vs_trl.py                 # ~3 minutes on 2 shared CPU cores (venv exists)
     python benchmarks/ppo_vs_trl.py --rounds 3 --skip-trl
     python benchmarks/ppo_vs_trl.py --alt-options '{"mixed_adapter_scoring": true}'   # A/B an option
+    python benchmarks/ppo_vs_trl.py --skip-trl --alt-options '{"rollout_merged_copy": true}'   # A/B the merged rollout copy
     python benchmarks/ppo_vs_trl.py --alt-src /tmp/before/src   # A/B another checkout's src/
     python benchmarks/ppo_vs_trl.py --profile prof/            # + one profiled step per side
 """

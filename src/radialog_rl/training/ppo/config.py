@@ -168,6 +168,17 @@ class PPOConfig(RunSection, LoraSection, ModelSection):  # fields: model, LoRA, 
     """Compile the decode step with torch.compile (needs rollout_cache "static"): None = transformers'
     default (compiled on CUDA/XPU with a static cache), True = also on CPU, False = never. Each new
     prompt length is a new cache shape, so expect recompiles while lengths vary."""
+    rollout_merged_copy: bool = False
+    """Sample rollouts with a merged-weights copy of the policy's LLaMA trunk (the active LoRA folded
+    into plain linears, refreshed from the adapter before every rollout): no LoRA GEMMs and, on a
+    4/8-bit base, no dequantisation per decoded token. Old log-probs, values, the reference and the
+    update still run on the PEFT policy (first ratio exactly 1); the sampler differs from the scored
+    policy by rounding only. Memory: one more full copy of the trunk weights (embeddings, linears,
+    lm_head) in rollout_merged_dtype; the vision tower and projector are shared. Not with ZeRO-3 or
+    FSDP (sharded parameters)."""
+    rollout_merged_dtype: Literal["bf16", "fp16", "fp32"] | None = None
+    """Weight dtype of the rollout_merged_copy (None: the policy's compute dtype; required for a 4/8-bit
+    policy, whose copy then holds dequantised weights + LoRA)."""
     # held-out evaluation
     eval_file: FilePath = None
     """JSONL like train_file, evaluated with greedy decoding every eval_every steps and at the end."""
@@ -236,6 +247,13 @@ class PPOConfig(RunSection, LoraSection, ModelSection):  # fields: model, LoRA, 
         if self.rollout_compile and self.rollout_cache != "static":
             raise ConfigError("rollout_compile needs rollout_cache: static (a compiled decode step needs "
                               "a fixed-shape cache)")
+        if self.rollout_merged_dtype is not None and not self.rollout_merged_copy:
+            raise ConfigError("rollout_merged_dtype is set but rollout_merged_copy is false: set "
+                              "rollout_merged_copy: true (or drop rollout_merged_dtype)")
+        if self.rollout_merged_copy and self.precision != "16bit" and self.rollout_merged_dtype is None:
+            raise ConfigError(f"rollout_merged_copy on a {self.precision} policy needs rollout_merged_dtype "
+                              "(bf16, fp16 or fp32): the copy holds dequantised weights + LoRA in that dtype "
+                              "(one more full copy of the trunk)")
         if self.advantage_estimator == "rloo" and self.samples_per_prompt < 2:
             raise ConfigError("advantage_estimator 'rloo' needs samples_per_prompt >= 2")
         return self

@@ -5,7 +5,8 @@ RLHF with PPO"; ``docs/ppo-and-calibration.md`` §A):
 
 1. **rollout**: take ``batch_size`` rows, load images, compute image features ONCE (tower and
    projector are frozen), sample responses with left-padded prompts; the sampled ids are the
-   response, masked from the first generated token through EOS.
+   response, masked from the first generated token through EOS (``rollout_merged_copy``: sampled
+   by a merged-weights copy of the trunk; only the tokens are taken from it).
 2. **score**: the reward sees the rows and decoded responses and returns one score per sample (and
    optionally a character span to optimise); NaN/inf stops the step with the samples named.
 3. **old log-probs, values, reference log-probs**: no-grad passes over the same minibatches the
@@ -290,6 +291,7 @@ class PPOTrainer:
         self.image_size = config.image_size or llava.config.image_size
         self.image_resize = config.image_resize or ImageSizes.for_crop(self.image_size).resize
         llava.model.vision_tower.register_forward_hook(self._count_vision_call)
+        self.rollout_copy = self._build_rollout_copy() if config.rollout_merged_copy else None
         if self._resume_path is not None:
             self.load_checkpoint(self._resume_path)
 
@@ -323,6 +325,19 @@ class PPOTrainer:
         """Restore everything :meth:`save_checkpoint` wrote (policy, value head, optimizer,
         scheduler, :meth:`state_dict`, RNG streams)."""
         load_checkpoint(self, Path(path))
+
+    def _build_rollout_copy(self):
+        """The :class:`~.merged_rollout.MergedRolloutCopy` of ``rollout_merged_copy`` (refused where
+        parameters are sharded: the copy needs the whole weights on each process)."""
+        from radialog_rl.loading.precision import parse_dtype
+        from radialog_rl.training import engines
+        from radialog_rl.training.ppo.merged_rollout import MergedRolloutCopy
+
+        if engines.zero_stage(self.accelerator) == 3 or self.engine == "fsdp":
+            raise ConfigError(f"rollout_merged_copy is not supported under {engines.describe_engine(self.accelerator)}: "
+                              "parameters are sharded, the merged copy needs whole weights on every process")
+        dtype = self.config.rollout_merged_dtype
+        return MergedRolloutCopy(self.unwrapped, parse_dtype(dtype) if dtype else None)
 
     def _check_output_dir(self) -> Path | None:
         """Refuse a locked or previously used output dir (no --resume/--overwrite); the checkpoint
@@ -367,12 +382,14 @@ class PPOTrainer:
     # -- 1-2: rollout and score -------------------------------------------------------------------
     @torch.no_grad()
     def _sample(self, rows: list[PromptRow], repeats: int = 1, do_sample: bool = True,
-                max_new_tokens: int | None = None):
+                max_new_tokens: int | None = None, merged: bool = False):
         """Generate for ``rows`` (each ``repeats`` times, contiguously) with images.
 
         The image features are computed once per distinct row and repeated, so a group of
-        ``samples_per_prompt`` samples costs one vision-tower call. Returns ``(rows, query, features,
-        response [B, Tr], response_mask [B, Tr], texts)`` with ``B = len(rows) * repeats``.
+        ``samples_per_prompt`` samples costs one vision-tower call. ``merged``: decode with the
+        ``rollout_merged_copy`` (refreshed from the adapter first) instead of the PEFT policy.
+        Returns ``(rows, query, features, response [B, Tr], response_mask [B, Tr], texts)`` with
+        ``B = len(rows) * repeats``.
         """
         from radialog_rl.data.images import load_chest_xray
         from radialog_rl.data.prompts import SYSTEM_PROMPT, build_prompt
@@ -396,7 +413,12 @@ class PPOTrainer:
         eos = self.tokenizer.eos_token_id
         sampling = dict(do_sample=True, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p) \
             if do_sample else dict(do_sample=False)
-        generated = self.unwrapped.generate(
+        decoder = self.unwrapped
+        if merged:
+            # Lazily before each rollout: picks up every update since (and a resumed adapter).
+            self.rollout_copy.refresh()
+            decoder = self.rollout_copy
+        generated = decoder.generate(
             input_ids=query.input_ids.to(device), attention_mask=query.attention_mask.to(device),
             image_features=features, max_new_tokens=max_new_tokens or cfg.max_new_tokens,
             pad_token_id=self.pad_token_id, eos_token_id=eos, return_dict_in_generate=True, **sampling,
@@ -430,7 +452,9 @@ class PPOTrainer:
         cfg, device = self.config, self.accelerator.device
         k = cfg.samples_per_prompt
         prompts = [self.rows[i] for i in self.sampler.take(cfg.batch_size // k)]
-        rows, query, features, response, response_mask, texts = self._sample(prompts, repeats=k)
+        # The sampler only picks tokens: every log-prob PPO uses comes from score_passes on the policy.
+        rows, query, features, response, response_mask, texts = self._sample(
+            prompts, repeats=k, merged=self.rollout_copy is not None)
         output = self._call_reward(rows, texts)
         rewritten = [False] * len(rows)
         if output.texts is not None and list(output.texts) != texts:
