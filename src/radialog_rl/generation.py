@@ -48,6 +48,7 @@ from radialog_rl.data.prompts import build_prompt, report_prompt
 from radialog_rl.errors import ConfigError, DataError
 from radialog_rl.loading.tokenizer import batch_tokenize_image_prompts
 from radialog_rl.modeling.llava import unwrap_llava
+from radialog_rl.value_greedy import choose_confidence_values
 
 __all__ = [
     "FinishReason",
@@ -371,6 +372,8 @@ def generate(
     use_cache: bool = True,
     min_new_tokens: int = 0,
     image_features: torch.Tensor | None = None,
+    confidence_decoding: Literal["token", "value"] = "token",
+    confidence_scale: int = 10,
 ) -> list[GenerationResult]:
     """Generate one continuation per prompt, batched with left padding.
 
@@ -398,6 +401,11 @@ def generate(
             ``min_new_tokens = max_new_tokens`` for a fixed length). Stop strings still apply.
         image_features: ``[N, num_image_tokens, hidden]`` from :func:`encode_image_features`
             instead of ``images`` (e.g. PPO reusing one encoding for several passes).
+        confidence_decoding: "value" (greedy only, one image per prompt): a stated confidence
+            ``{"confidence": N}`` is re-chosen as the most likely complete value ``0..confidence_scale``
+            (:mod:`radialog_rl.value_greedy`: "10" is two tokens, so token-level greedy favours
+            1 and 10); ``token_ids`` are then those of the rewritten text. "token": plain decoding.
+        confidence_scale: the confidence scale for ``confidence_decoding="value"``.
 
     Returns:
         One :class:`GenerationResult` per prompt, in order.
@@ -424,6 +432,11 @@ def generate(
                         "per image")
     if prior_images is not None and images is None:
         raise DataError("prior_images were given without images")
+    if confidence_decoding not in ("token", "value"):
+        raise ConfigError(f"confidence_decoding must be 'token' or 'value', got {confidence_decoding!r}")
+    by_value = confidence_decoding == "value"
+    if by_value and (do_sample or any(n != 1 for n in per_prompt)):
+        raise ConfigError("confidence_decoding='value' is for greedy decoding with one image per prompt")
 
     device = llava.get_input_embeddings().weight.device
     step = len(prompts) if batch_size is None else int(batch_size)
@@ -483,10 +496,29 @@ def generate(
                 )
             rows = out.tolist()
             stops = recorder.new_tokens_at_stop(out.shape[1]) if recorder else [0] * len(rows)
-            results.extend(_finish_row(r, tokenizer, eos_ids, stop_strings, s) for r, s in zip(rows, stops))
+            batch_results = [_finish_row(r, tokenizer, eos_ids, stop_strings, s) for r, s in zip(rows, stops)]
+            if by_value:
+                batch_results = _rechoose_confidences(policy, tokenizer, input_ids, attention_mask, batch_features,
+                                                      batch_results, confidence_scale, eos_ids)
+            results.extend(batch_results)
             logger.debug("batch of %d: %d new tokens max in %.3f s", len(rows), out.shape[1],
                          time.perf_counter() - started)
     return results
+
+
+def _rechoose_confidences(policy, tokenizer, input_ids, attention_mask, features, results, scale, eos_ids):
+    """:func:`~radialog_rl.value_greedy.choose_confidence_values` on a batch of results; a changed
+    text gets the token ids of its new text (and ``</s>`` when the original ended with one)."""
+    texts = choose_confidence_values(policy, tokenizer, input_ids, attention_mask, features,
+                                     [r.text for r in results], scale)
+    out = []
+    for result, text in zip(results, texts):
+        if text != result.text:
+            ids = tokenizer(text, add_special_tokens=False).input_ids
+            ids += [eos_ids[0]] if result.finished_by == "eos" else []
+            result = GenerationResult(token_ids=ids, text=text, num_tokens=len(ids), finished_by=result.finished_by)
+        out.append(result)
+    return out
 
 
 def report_prompts(findings, num_images: int) -> list[str]:

@@ -101,6 +101,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     gen.add_argument("--seed", type=int, default=None, metavar="N", help="random seed for sampling")
     gen.add_argument("--stop", action="append", default=None, metavar="TEXT",
                      help="stop a text at this string, in addition to </s> (repeatable)")
+    gen.add_argument("--confidence-decoding", choices=("token", "value"), default="token",
+                     help="greedy only: 'value' re-chooses a stated {\"confidence\": N} as the most "
+                          "likely whole value 0..10 (\"10\" is two tokens, which token-level greedy "
+                          "decoding favours); default token")
 
     p.add_argument("--output", "-o", type=Path, metavar="JSONL",
                    help="write the JSON lines here instead of stdout")
@@ -218,7 +222,7 @@ def run(args: argparse.Namespace) -> int:
                 model, tokenizer, [prompt] * len(batch), images,
                 max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
                 temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                stop_strings=args.stop,
+                stop_strings=args.stop, confidence_decoding=args.confidence_decoding,
             )
             seconds = (time.perf_counter() - t0) / len(batch)
             for path, result in zip(batch, results):

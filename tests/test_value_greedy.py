@@ -1,0 +1,73 @@
+"""Value-level greedy choice of the stated confidence (radialog_rl/value_greedy.py)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+
+from radialog_rl.value_greedy import choose_confidence_values, confidence_candidates
+
+
+def test_candidates_split_the_one_statement():
+    prefix, candidates, rest = confidence_candidates('yes {"confidence": 7} thanks', scale=10)
+    assert prefix == 'yes {"confidence": '
+    assert candidates == [f"{v}}}" for v in range(11)]
+    assert rest == " thanks"
+    assert confidence_candidates("Yes. Confidence: 4", 10) == ("Yes. Confidence: ", [str(v) for v in range(11)], "")
+    assert len(confidence_candidates('{"confidence": 50}', 100)[1]) == 101
+    assert confidence_candidates("no statement", 10) is None
+    assert confidence_candidates('{"confidence": 3} {"confidence": 4}', 10) is None  # ambiguous
+    assert confidence_candidates('{"confidence": 0.5}', 10) is None  # not an integer value
+
+
+class _Teacher:
+    """A fake policy that puts logit 4 on the next token of one target text and 0 elsewhere, so
+    the target's tokens are the most likely continuation at every position."""
+
+    def __init__(self, tokenizer, target_ids: list[int], query_width: int):
+        self.target, self.query_width = target_ids, query_width
+        self.vocab = len(tokenizer)
+
+    def __call__(self, input_ids, attention_mask, image_features, logits_to_keep):
+        n, total = input_ids.shape
+        logits = torch.zeros(n, logits_to_keep, self.vocab)
+        first = total - logits_to_keep  # sequence position of logits[:, 0]
+        for t in range(logits_to_keep):
+            k = first + t + 1 - self.query_width  # index into the response of the predicted token
+            if 0 <= k < len(self.target):
+                logits[:, t, self.target[k]] = 4.0
+        return SimpleNamespace(logits=logits)
+
+
+def test_the_whole_value_wins_over_its_first_token(tiny_tokenizer):
+    """The teacher spells 10 ("1" "0" "}"): scoring complete values picks 10, not 1 (token-level
+    greedy would stop at whichever of "0" / "}" follows "1" more often in training)."""
+    text = 'yes {"confidence": 3}'
+    prefix = 'yes {"confidence": '
+    target = tiny_tokenizer(prefix + "10}", add_special_tokens=False).input_ids
+    query = torch.ones(2, 5, dtype=torch.long)
+    model = _Teacher(tiny_tokenizer, target, query_width=5)
+    out = choose_confidence_values(model, tiny_tokenizer, query, torch.ones_like(query),
+                                   torch.zeros(2, 1, 1), [text, "no statement here"], scale=10)
+    assert out == ['yes {"confidence": 10}', "no statement here"]
+    # Small forwards give the same choice.
+    assert choose_confidence_values(model, tiny_tokenizer, query, torch.ones_like(query), torch.zeros(2, 1, 1),
+                                    [text, text], scale=10, rows_per_forward=3) == ['yes {"confidence": 10}'] * 2
+
+
+def test_generate_value_decoding_is_greedy_only_and_keeps_texts_without_a_statement(tiny_model_fp32, tiny_tokenizer):
+    import pytest
+
+    from radialog_rl import build_prompt, generate
+    from radialog_rl.errors import ConfigError
+
+    crop = tiny_model_fp32.config.image_size
+    images = torch.rand(2, 3, crop, crop, generator=torch.Generator().manual_seed(0))
+    prompts = [build_prompt("<image>\nIs there an opacity?")] * 2
+    with pytest.raises(ConfigError, match="greedy decoding"):
+        generate(tiny_model_fp32, tiny_tokenizer, prompts, images, do_sample=True, confidence_decoding="value")
+    plain = generate(tiny_model_fp32, tiny_tokenizer, prompts, images, max_new_tokens=6)
+    by_value = generate(tiny_model_fp32, tiny_tokenizer, prompts, images, max_new_tokens=6,
+                        confidence_decoding="value")
+    assert [r.text for r in by_value] == [r.text for r in plain]  # random weights: no statement to re-choose
