@@ -1,4 +1,4 @@
-"""Two-CPU-process runs of ``radialog-rl ppo`` / ``sft`` under DDP, DeepSpeed ZeRO-2 and ZeRO-3.
+"""Two-CPU-process runs of ``radialog-rl ppo`` / ``sft`` under DDP, DeepSpeed ZeRO-2/3 and FSDP2.
 
 Each configuration is launched once per module (``accelerate launch --config_file
 configs/accelerate/cpu_test_*.yaml tests/distributed/observed_cli.py ...``, gloo,
@@ -6,7 +6,9 @@ configs/accelerate/cpu_test_*.yaml tests/distributed/observed_cli.py ...``, gloo
 op on first use (about 95 s) into ``$TORCH_EXTENSIONS_DIR``, by default ``.cache/torch_extensions``
 in the checkout (git-ignored), so later runs reuse it.
 
-Without DeepSpeed the tests skip; with ``RADIALOG_REQUIRE_DEEPSPEED=1`` (set by .ci/run) they fail.
+FSDP2 runs go through ``fsdp_on_cpu.py`` (a test-only launcher: accelerate enables FSDP only on
+GPU-like devices). Without DeepSpeed the ZeRO tests skip; with ``RADIALOG_REQUIRE_DEEPSPEED=1``
+(set by .ci/run) they fail.
 """
 
 from __future__ import annotations
