@@ -1,4 +1,4 @@
-"""Two-CPU-process runs of ``radialog-rl ppo`` / ``sft`` under DDP, DeepSpeed ZeRO-2 and ZeRO-3.
+"""Two-CPU-process runs of ``radialog-rl ppo`` / ``sft`` under DDP, DeepSpeed ZeRO-2/3 and FSDP2.
 
 Each configuration is launched once per module (``accelerate launch --config_file
 configs/accelerate/cpu_test_*.yaml tests/distributed/observed_cli.py ...``, gloo,
@@ -6,7 +6,9 @@ configs/accelerate/cpu_test_*.yaml tests/distributed/observed_cli.py ...``, gloo
 op on first use (about 95 s) into ``$TORCH_EXTENSIONS_DIR``, by default ``.cache/torch_extensions``
 in the checkout (git-ignored), so later runs reuse it.
 
-Without DeepSpeed the tests skip; with ``RADIALOG_REQUIRE_DEEPSPEED=1`` (set by .ci/run) they fail.
+FSDP2 runs go through ``fsdp_on_cpu.py`` (a test-only launcher: accelerate enables FSDP only on
+GPU-like devices). Without DeepSpeed the ZeRO tests skip; with ``RADIALOG_REQUIRE_DEEPSPEED=1``
+(set by .ci/run) they fail.
 """
 
 from __future__ import annotations
@@ -30,7 +32,11 @@ ENGINES = {
     "ddp": REPO / "configs" / "accelerate" / "cpu_test_ddp.yaml",
     "zero2": REPO / "configs" / "accelerate" / "cpu_test_deepspeed_zero2.yaml",
     "zero3": REPO / "configs" / "accelerate" / "cpu_test_deepspeed_zero3.yaml",
+    "fsdp2": REPO / "configs" / "accelerate" / "cpu_test_fsdp2.yaml",
 }
+#: What each engine's processes run: the CLI plus observation; FSDP2 through the test-only launcher
+#: that lets accelerate build FSDP on CPU (fsdp_on_cpu.py).
+SCRIPTS = {"fsdp2": HERE / "fsdp_on_cpu.py"}
 STEPS = 3
 
 REWARD = '''
@@ -82,7 +88,7 @@ def launch(engine: str, command: list[str], workdir: Path) -> Run:
                                                   str(REPO / ".cache" / "torch_extensions"))}
     env.pop("ACCELERATE_USE_CPU", None)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ENGINES[engine]),
-           "--main_process_port", str(_free_port()), str(HERE / "observed_cli.py"), *command]
+           "--main_process_port", str(_free_port()), str(SCRIPTS.get(engine, HERE / "observed_cli.py")), *command]
     # From the repository root: the accelerate configs name their DeepSpeed JSON relative to it.
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     log = result.stdout + result.stderr
@@ -100,7 +106,8 @@ class Runs:
     def get(self, kind: str, engine: str, phase: str = "straight") -> Run:
         key = (kind, engine, phase)
         if key not in self._done:
-            _require_deepspeed()
+            if engine.startswith("zero"):
+                _require_deepspeed()
             self._done[key] = self._launch(kind, engine, phase)
         return self._done[key]
 

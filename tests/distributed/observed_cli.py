@@ -4,9 +4,10 @@ Launched by tests/distributed/test_engines.py as ``accelerate launch --config_fi
 tests/distributed/observed_cli.py {ppo,sft} --config ...``. Training goes through the CLI unchanged;
 when it ends, every process writes to ``$RADIALOG_OBSERVE_DIR``:
 
-* ``rank<r>.json``: the accelerator's distributed type, ZeRO stage and number of processes;
+* ``rank<r>.json``: the accelerator's distributed type, ZeRO stage (FSDP version under FSDP) and
+  number of processes;
 * ``rank<r>.safetensors``: the full trainable weights this process holds (gathered from the ZeRO-3
-  shards: a collective every process enters), under the adapter file's key names.
+  or FSDP2 shards: a collective every process enters), under the adapter file's key names.
 """
 
 from __future__ import annotations
@@ -25,6 +26,13 @@ def _adapter_key(name: str) -> str:
     return name.removeprefix("pretrained_model.").replace(".default.", ".")
 
 
+def _full(p: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: FSDP2 parameters are DTensors sharded over the processes (all-gathered)."""
+    from torch.distributed.tensor import DTensor
+
+    return p.full_tensor() if isinstance(p, DTensor) else p
+
+
 def observe(accelerator, model: torch.nn.Module) -> None:
     from safetensors.torch import save_file
 
@@ -34,11 +42,13 @@ def observe(accelerator, model: torch.nn.Module) -> None:
     out.mkdir(parents=True, exist_ok=True)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     with gathered(accelerator, [p for _, p in named]):
-        weights = {_adapter_key(n): p.detach().float().cpu().clone() for n, p in named}
+        weights = {_adapter_key(n): _full(p.detach()).float().cpu().clone() for n, p in named}
     rank = accelerator.process_index
     save_file(weights, str(out / f"rank{rank}.safetensors"))
     info = {"distributed_type": str(accelerator.distributed_type).split(".")[-1],
             "zero_stage": zero_stage(accelerator), "num_processes": accelerator.num_processes}
+    if info["distributed_type"] == "FSDP":
+        info["fsdp_version"] = accelerator.state.fsdp_plugin.fsdp_version
     (out / f"rank{rank}.json").write_text(json.dumps(info))
     accelerator.wait_for_everyone()
 

@@ -150,9 +150,12 @@ def unsharded(accelerator, model: torch.nn.Module) -> Iterator[None]:
     """Full parameters for calls that bypass the wrapped root (FSDP2; a no-op elsewhere).
 
     Generation, the image encoder and the no-grad scoring passes call submodules of the unwrapped
-    model directly; FSDP2 gathers parameters only in the hooks of its own wrapped modules, so they
-    are unsharded around such calls. ZeRO-3 needs nothing: DeepSpeed gathers in hooks on every
-    submodule. Untested: accelerate enables FSDP only on GPU-like devices and CI has none.
+    model directly; FSDP2 gathers parameters only in the hooks of its own wrapped modules (the
+    decoder layers and the root, whose group holds everything else: embeddings, vision tower,
+    projector, value head), so every group is unsharded here. The layers' hooks still run on such
+    calls; they are told not to reshard after each forward inside the context (one all-gather per
+    context, not one per generated token) and resharded on exit. ZeRO-3 needs nothing: DeepSpeed
+    gathers in hooks on every submodule. Every process must enter (a collective).
     """
     if engine_name(accelerator) != "fsdp":
         yield
@@ -160,10 +163,22 @@ def unsharded(accelerator, model: torch.nn.Module) -> Iterator[None]:
     from torch.distributed.fsdp import FSDPModule
 
     modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    if isinstance(model, FSDPModule):
+        # FSDP2 makes the first FSDP module whose forward runs the root; a direct call into a decoder
+        # layer (generation) before any root forward would make that layer a root of its own and
+        # the next root forward fail ("requires running forward through the root module first").
+        # torch has no public call for this lazy initialisation (idempotent).
+        model._get_fsdp_state()._lazy_init()
+    reshard = bool(accelerator.state.fsdp_plugin.reshard_after_forward)
+    inner = [m for m in modules if m is not model]
+    for module in inner:
+        module.set_reshard_after_forward(False, recurse=False)
     for module in modules:
         module.unshard()
     try:
         yield
     finally:
+        for module in inner:
+            module.set_reshard_after_forward(reshard, recurse=False)
         for module in modules:
             module.reshard()

@@ -70,16 +70,19 @@ def load_projector(model, directory: str | os.PathLike) -> None:
     load_non_lora_trainables(llava, path)
 
 
-def save_sft_adapter(model, directory: str | os.PathLike, *, with_projector: bool = False) -> Path:
+def save_sft_adapter(model, directory: str | os.PathLike, *, with_projector: bool = False,
+                     state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """Save adapter "default" as a PEFT directory (``adapter_config.json`` +
-    ``adapter_model.safetensors``), plus the projector when ``with_projector``.
+    ``adapter_model.safetensors``), plus the projector when ``with_projector``. ``state_dict``: the
+    model's full (gathered) state dict to take the adapter from instead of the live parameters
+    (FSDP2, whose live parameters are shards).
 
     Written to a temporary sibling first and renamed, so an interrupted save never leaves a mix of
     old and new files (an existing ``directory`` is replaced).
     """
     directory = Path(directory)
     with atomic_dir(directory, replace=True) as tmp:
-        save_default_adapter(model, tmp)
+        save_default_adapter(model, tmp, state_dict=state_dict)
         if with_projector:
             save_projector(model, tmp)
     logger.info("saved the SFT adapter to %s", directory)

@@ -311,7 +311,14 @@ def _train_and_save(config: SFTConfig, args, resume: str | None, examples, callb
         load_projector(model, best)  # the Trainer reloaded the best adapter, not the projector
 
     adapter_dir = output_dir / ADAPTER_SUBDIR
-    if sharded:
+    if trainer.is_fsdp_enabled:
+        # The Trainer's save_model writes nothing under FSDP's SHARDED_STATE_DICT (only a
+        # FULL_STATE_DICT run is exported); gather the full state dict (a collective) and write the
+        # adapter from it on the main process.
+        full = trainer.accelerator.get_state_dict(trainer.model)
+        if trainer.is_world_process_zero():
+            save_sft_adapter(model, adapter_dir, state_dict=full)
+    elif sharded:
         # Partitioned parameters: the Trainer gathers them (every process must take part).
         trainer.save_model(str(adapter_dir))
     elif trainer.is_world_process_zero():
