@@ -13,10 +13,10 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import Field, field_validator, model_validator
 
 from radialog_rl.errors import ConfigError
+from radialog_rl.scoring import SCORERS
 from radialog_rl.training.config_files import resolve_config_path
 from radialog_rl.training.config_schema import (
     ENTRY_POINTS,
-    ConfigModel,
     FilePath,
     LoraSection,
     ModelPath,
@@ -230,7 +230,6 @@ class PPOConfig(RunSection, LoraSection, ModelSection):  # fields: model, LoRA, 
     @classmethod
     def _known_scorer(cls, value: str | None) -> str | None:
         if value is not None:
-            from radialog_rl.scoring import SCORERS
 
             if value not in SCORERS:
                 raise ValueError(f"must be one of {sorted(SCORERS)}")

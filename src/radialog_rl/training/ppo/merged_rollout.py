@@ -23,6 +23,7 @@ from torch import nn
 
 from radialog_rl.errors import ConfigError
 from radialog_rl.modeling.llava import LlavaLlamaForCausalLM, unwrap_llava
+from radialog_rl.modeling.value_head import _HiddenCapture
 
 logger = logging.getLogger(__name__)
 
@@ -185,8 +186,6 @@ class MergedRolloutCopy:
     def _drop_value_head_hooks(model: nn.Module) -> None:
         """The value head's capture hook came along with the trunk's final norm: the copy's outputs
         must not feed (or be kept by) it."""
-        from radialog_rl.modeling.value_head import _HiddenCapture
-
         hooks = model.model.norm._forward_hooks
         for key in [k for k, hook in hooks.items() if isinstance(hook, _HiddenCapture)]:
             del hooks[key]

@@ -34,16 +34,38 @@ from pathlib import Path
 
 import torch
 
-from radialog_rl.data.images import ImageSizes
+from radialog_rl.calibration.metrics import compute_calibration
+from radialog_rl.calibration.rewards import BUILTIN_REWARDS, RewardOutput
+from radialog_rl.data.images import ImageSizes, load_chest_xray
+from radialog_rl.data.prompts import SYSTEM_PROMPT, build_prompt
 from radialog_rl.errors import ConfigError, RadialogError
 from radialog_rl.loading.adapters import radialog_lora_config
-from radialog_rl.loading.bundle import ADAPTER_FRESH, ADAPTER_RELEASE, LoadedModel, ModelSpec, load_model
-from radialog_rl.modeling.value_head import ReferenceMode
+from radialog_rl.loading.bundle import (
+    ADAPTER_FRESH,
+    ADAPTER_RELEASE,
+    LoadedModel,
+    ModelSpec,
+    load_model,
+)
+from radialog_rl.loading.export import save_lora_merged_llava_model_to_local_dir
+from radialog_rl.loading.precision import parse_dtype
+from radialog_rl.loading.tokenizer import batch_tokenize_image_prompts
+from radialog_rl.modeling.llava import expand_image_tokens
+from radialog_rl.modeling.value_head import (
+    REFERENCE_ADAPTER_NAME,
+    REFERENCE_FROZEN_COPY,
+    ReferenceMode,
+)
 from radialog_rl.padding import pad_rows
-from radialog_rl.value_greedy import choose_confidence_values
+from radialog_rl.scoring import build_scorer
+from radialog_rl.scoring.base import scorer_metrics
+from radialog_rl.training import engines
+from radialog_rl.training.engines import unsharded
 from radialog_rl.training.ppo import losses as L
 from radialog_rl.training.ppo.config import PPOConfig
+from radialog_rl.training.ppo.evaluation import evaluation_table, is_better
 from radialog_rl.training.ppo.kl_control import make_kl_controller
+from radialog_rl.training.ppo.merged_rollout import MergedRolloutCopy
 from radialog_rl.training.ppo.rollout import (
     EpochSampler,
     PromptRow,
@@ -53,13 +75,18 @@ from radialog_rl.training.ppo.rollout import (
     span_token_mask,
     user_message,
 )
-from radialog_rl.training.ppo.running_moments import RunningMoments, clip_scores, normalize_scores
+from radialog_rl.training.ppo.running_moments import (
+    RunningMoments,
+    clip_scores,
+    normalize_scores,
+)
 from radialog_rl.training.ppo.state import (
     RUN_FILES,
     find_checkpoint,
     load_checkpoint,
     reward_rng_state,
     save_checkpoint,
+    save_policy_files,
     set_reward_rng_state,
 )
 from radialog_rl.training.preflight import check_rows, load_config_reward
@@ -70,6 +97,7 @@ from radialog_rl.training.run_dir import (
     remove_run_files,
     truncate_metrics,
 )
+from radialog_rl.value_greedy import choose_confidence_values
 
 logger = logging.getLogger(__name__)
 
@@ -215,7 +243,6 @@ class PPOTrainer:
                  rows: list[PromptRow] | None = None, accelerator=None):
         from accelerate.utils import set_seed
 
-        from radialog_rl.training import engines
 
         self.config = config
         # On a machine without CUDA the process group is gloo on the CPU; DeepSpeed and FSDP stay
@@ -231,7 +258,6 @@ class PPOTrainer:
         self.output_dir = Path(config.output_dir)
         self._resume_path = self._check_output_dir()
         if reward_fn is None:
-            from radialog_rl.calibration.rewards import BUILTIN_REWARDS
 
             params = dict(config.reward_params)
             if config.reward in BUILTIN_REWARDS and "seed" not in params and "rng" not in params:
@@ -239,7 +265,6 @@ class PPOTrainer:
                 # with the checkpoint's reward_rng state.
                 params["seed"] = config.seed + self.accelerator.process_index
             if config.accuracy_scorer:
-                from radialog_rl.scoring import build_scorer
 
                 params["accuracy_scorer"] = build_scorer(config.accuracy_scorer, **config.scorer)
             reward_fn = load_config_reward(config.reward, params, config.config_dir)
@@ -329,10 +354,6 @@ class PPOTrainer:
     def _build_rollout_copy(self):
         """The :class:`~.merged_rollout.MergedRolloutCopy` of ``rollout_merged_copy`` (refused where
         parameters are sharded: the copy needs the whole weights on each process)."""
-        from radialog_rl.loading.precision import parse_dtype
-        from radialog_rl.training import engines
-        from radialog_rl.training.ppo.merged_rollout import MergedRolloutCopy
-
         if engines.zero_stage(self.accelerator) == 3 or self.engine == "fsdp":
             raise ConfigError(f"rollout_merged_copy is not supported under {engines.describe_engine(self.accelerator)}: "
                               "parameters are sharded, the merged copy needs whole weights on every process")
@@ -391,11 +412,6 @@ class PPOTrainer:
         Returns ``(rows, query, features, response [B, Tr], response_mask [B, Tr], texts)`` with
         ``B = len(rows) * repeats``.
         """
-        from radialog_rl.data.images import load_chest_xray
-        from radialog_rl.data.prompts import SYSTEM_PROMPT, build_prompt
-        from radialog_rl.loading.tokenizer import batch_tokenize_image_prompts
-        from radialog_rl.modeling.llava import expand_image_tokens
-
         cfg, device = self.config, self.accelerator.device
         load = lambda p: load_chest_xray(p, resize=self.image_resize, crop=self.image_size)  # noqa: E731
         images = torch.stack([load(r.image) for r in rows]).to(device)
@@ -507,8 +523,6 @@ class PPOTrainer:
 
     def _call_reward(self, rows: list[PromptRow], texts: list[str]):
         """The reward's output; a reward that raises or returns non-numbers is named with the rows."""
-        from radialog_rl.calibration.rewards import RewardOutput
-
         name = getattr(self.reward_fn, "__name__", type(self.reward_fn).__name__)
         where = ", ".join(r.source for r in rows[:3]) + (" ..." if len(rows) > 3 else "")
         try:
@@ -570,8 +584,6 @@ class PPOTrainer:
 
     def _reference_adapter_name(self, model) -> str:
         """The PEFT adapter name that gives the reference in a mixed-adapter batch."""
-        from radialog_rl.modeling.value_head import REFERENCE_ADAPTER_NAME, REFERENCE_FROZEN_COPY
-
         return REFERENCE_ADAPTER_NAME if model.reference_mode == REFERENCE_FROZEN_COPY else "__base__"
 
     def _minibatches(self, generator: torch.Generator) -> list[list[torch.Tensor]]:
@@ -645,7 +657,6 @@ class PPOTrainer:
         cfg, timings = self.config, {}
         t0 = time.perf_counter()
         vision_before = self.vision_calls
-        from radialog_rl.training.engines import unsharded
 
         with unsharded(self.accelerator, self.model):  # FSDP2: direct submodule calls below
             batch = self.rollout()
@@ -793,7 +804,6 @@ class PPOTrainer:
             "ppo/learning_rate": self.scheduler.get_last_lr()[0],
         }
         metrics.update(self._calibration_metrics(batch.reward_output))
-        from radialog_rl.scoring.base import scorer_metrics
 
         metrics.update(scorer_metrics(self.reward_fn))  # scorer/failures etc. of this step's batch
         return metrics
@@ -803,7 +813,6 @@ class PPOTrainer:
         accuracies = getattr(output, "accuracies", None)
         if confidences is None or accuracies is None:
             return {}
-        from radialog_rl.calibration.metrics import compute_calibration
 
         scale = getattr(self.reward_fn, "scale", 10)
         report = compute_calibration(confidences, accuracies, scale=scale).to_dict()
@@ -819,12 +828,9 @@ class PPOTrainer:
         ``write``, the main process also writes ``output_dir/eval/step-NNNNNN.json`` (metrics and
         every row's text, confidence and correctness).
         """
-        from radialog_rl.training.ppo.evaluation import evaluation_table
-
         cfg = self.config
         rows = self.eval_rows if rows is None else rows
         texts: list[str] = []
-        from radialog_rl.training.engines import unsharded
 
         with unsharded(self.accelerator, self.model):  # FSDP2: generation calls submodules directly
             scale = getattr(self.reward_fn, "scale", 10)
@@ -852,8 +858,6 @@ class PPOTrainer:
         ``eval.json`` to ``directory`` (main process; written beside it and renamed into place).
         ``merged`` also writes ``merged/``: the saved adapter merged into a freshly loaded 16-bit
         base (the trainer's own model is left as it is)."""
-        from radialog_rl.training.ppo.state import save_policy_files
-
         directory = Path(directory)
         save_policy_files(self, directory, eval_metrics)  # every process: sharded weights are gathered
         if self.accelerator.is_main_process and merged:
@@ -863,8 +867,6 @@ class PPOTrainer:
 
     def _export_merged(self, directory: Path) -> None:
         """``directory/merged``: the saved adapter merged into a freshly loaded 16-bit base."""
-        from radialog_rl.loading.export import save_lora_merged_llava_model_to_local_dir
-
         cfg = self.config
         if cfg.entry_point == "fresh_lora":
             paths = dict(model_path=cfg.llava_model_path, model_base=cfg.llava_model_path)
@@ -877,7 +879,6 @@ class PPOTrainer:
         cfg = self.config
         if not cfg.best_metric:
             return
-        from radialog_rl.training.ppo.evaluation import is_better
 
         value = metrics.get(cfg.best_metric.removeprefix("eval/"))
         if is_better(cfg.best_metric, value, self.best_value, cfg.best_mode):

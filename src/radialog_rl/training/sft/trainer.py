@@ -48,10 +48,25 @@ from typing import Any
 import torch
 
 from radialog_rl.errors import ConfigError
-from radialog_rl.loading.adapters import radialog_lora_config, trainable_parameter_report
-from radialog_rl.loading.bundle import ADAPTER_FRESH, ADAPTER_RELEASE, LoadedModel, ModelSpec, load_model
+from radialog_rl.loading.adapters import (
+    radialog_lora_config,
+    trainable_parameter_report,
+)
+from radialog_rl.loading.bundle import (
+    ADAPTER_FRESH,
+    ADAPTER_RELEASE,
+    LoadedModel,
+    ModelSpec,
+    load_model,
+)
 from radialog_rl.loading.precision import precision_spec
-from radialog_rl.training.run_dir import RunLock, check_not_locked, check_run_dir, remove_run_files
+from radialog_rl.training.engines import check_engine, describe_engine
+from radialog_rl.training.run_dir import (
+    RunLock,
+    check_not_locked,
+    check_run_dir,
+    remove_run_files,
+)
 from radialog_rl.training.sft.config import TRAINER_DEFAULTS, SFTConfig
 from radialog_rl.training.sft.data import build_datasets, read_examples, sft_collator
 from radialog_rl.training.sft.state import (
@@ -272,7 +287,6 @@ def run_sft(
 def _train_and_save(config: SFTConfig, args, resume: str | None, examples, callbacks) -> Path:
     from transformers import Trainer
 
-    from radialog_rl.training.engines import check_engine, describe_engine
 
     output_dir = Path(args.output_dir)
     # Whole on each process (device placement, BioViL-T's init: the loader steps outside zero.Init);
