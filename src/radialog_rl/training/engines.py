@@ -57,8 +57,11 @@ def zero_stage(accelerator) -> int | None:
 
 
 def describe_engine(accelerator) -> str:
-    """E.g. ``"DEEPSPEED (ZeRO-3), 2 processes on cpu"`` for the logs."""
+    """E.g. ``"DEEPSPEED (ZeRO-3), 2 processes on cpu"`` or ``"a single process (no distributed
+    engine), 1 process on cpu"`` for the logs."""
     kind = str(accelerator.distributed_type).split(".")[-1]
+    if kind == "NO":  # accelerate's name for "not distributed"
+        kind = "a single process (no distributed engine)"
     stage = zero_stage(accelerator)
     if stage is not None:
         kind += f" (ZeRO-{stage})"
