@@ -32,6 +32,7 @@ from radialog_rl.errors import CheckpointError
 from radialog_rl.loading.files import find_first, load_tensor_file, resolve_model_dir, save_tensor_file
 from radialog_rl.loading.keys import KeyReport, load_state_dict_checked
 from radialog_rl.loading.precision import parse_dtype
+from radialog_rl.modeling.llava import unwrap_llava
 from radialog_rl.modeling.value_head import REFERENCE_ADAPTER_NAME, LlavaWithValueHead, ReferenceMode
 
 logger = logging.getLogger(__name__)
@@ -129,10 +130,7 @@ def load_lora_weights(
     ``LlavaLlamaForCausalLM``. Raises :class:`CheckpointError` naming keys that found no parameter,
     parameters that got no tensor, and shape mismatches.
     """
-    if isinstance(model, LlavaWithValueHead):
-        llava = model.llava
-    else:
-        llava = model.get_base_model() if hasattr(model, "get_base_model") else model
+    llava = unwrap_llava(model)
     targets = llava.state_dict(keep_vars=True)
     expected = lora_parameter_names(llava, adapter_name)
     report = KeyReport(what=what)
@@ -186,7 +184,7 @@ def attach_lora(
         load_lora_weights(peft_model, state, "default", what=f"LoRA adapter {adapter}")
     if reference_copy:
         peft_model.add_adapter(REFERENCE_ADAPTER_NAME, lora_config)
-        llava = peft_model.get_base_model()
+        llava = unwrap_llava(peft_model)
         default_keys = lora_parameter_names(llava, "default")
         source = {k: v for k, v in llava.state_dict().items() if k in default_keys}
         load_lora_weights(peft_model, source, REFERENCE_ADAPTER_NAME, what="reference adapter copy")
