@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import torch
 
-from radialog_rl.value_greedy import choose_confidence_values, confidence_candidates
+from radialog_rl.value_greedy import choose_confidence_values, confidence_candidates, confidence_value_logprobs
 
 
 def test_candidates_split_the_one_statement():
@@ -23,7 +23,8 @@ def test_candidates_split_the_one_statement():
 
 class _Teacher:
     """A fake policy that puts logit 4 on the next token of one target text and 0 elsewhere, so
-    the target's tokens are the most likely continuation at every position."""
+    the target's tokens are the most likely continuation at every position. It reads the response
+    block after the ``query_width`` prompt columns and skips its padding (attention mask 0)."""
 
     def __init__(self, tokenizer, target_ids: list[int], query_width: int):
         self.target, self.query_width = target_ids, query_width
@@ -32,11 +33,13 @@ class _Teacher:
     def __call__(self, input_ids, attention_mask, image_features, logits_to_keep):
         n, total = input_ids.shape
         logits = torch.zeros(n, logits_to_keep, self.vocab)
-        first = total - logits_to_keep  # sequence position of logits[:, 0]
-        for t in range(logits_to_keep):
-            k = first + t + 1 - self.query_width  # index into the response of the predicted token
-            if 0 <= k < len(self.target):
-                logits[:, t, self.target[k]] = 4.0
+        real = attention_mask[:, self.query_width:].cumsum(1)  # response tokens seen up to each column
+        for b in range(n):
+            for t in range(logits_to_keep):
+                column = total - logits_to_keep + t - self.query_width  # column of this logit
+                k = int(real[b, column]) if column >= 0 else 0  # index of the token it predicts
+                if k < len(self.target):
+                    logits[b, t, self.target[k]] = 4.0
         return SimpleNamespace(logits=logits)
 
 
@@ -56,6 +59,43 @@ def test_the_whole_value_wins_over_its_first_token(tiny_tokenizer):
                                     [text, text], scale=10, rows_per_forward=3) == ['yes {"confidence": 10}'] * 2
 
 
+def test_batched_choice_equals_scoring_each_value_alone(tiny_model_fp32, tiny_tokenizer):
+    """Rows whose prefixes differ in length are padded between prompt and response; the choice must
+    equal scoring every complete value on its own, unpadded."""
+    from radialog_rl import batch_tokenize_image_prompts, build_prompt
+    from radialog_rl.generation import encode_image_features
+    from radialog_rl.modeling.llava import expand_image_tokens
+
+    model = tiny_model_fp32
+    crop = model.config.image_size
+    images = torch.rand(2, 3, crop, crop, generator=torch.Generator().manual_seed(1))
+    features = encode_image_features(model, images)
+    prompts = [build_prompt("<image>\nIs there an opacity?")] * 2
+    ids, mask = batch_tokenize_image_prompts(prompts, tiny_tokenizer)
+    query = expand_image_tokens(ids, model.num_image_tokens, mask, pad_token_id=tiny_tokenizer.pad_token_id)
+    texts = ['Yes {"confidence": 3}', 'No, there is none {"confidence": 7}']
+    args = (model, tiny_tokenizer, query.input_ids, query.attention_mask, features, texts)
+    chosen = choose_confidence_values(*args, scale=10)
+    batched = confidence_value_logprobs(*args, scale=10)
+    assert sorted(batched) == [0, 1]
+    for b, text in enumerate(texts):
+        prefix, candidates, rest = confidence_candidates(text, 10)
+        head = tiny_tokenizer(prefix, add_special_tokens=False).input_ids
+        scores = []
+        for candidate in candidates:
+            full = tiny_tokenizer(prefix + candidate, add_special_tokens=False).input_ids
+            seq = torch.cat([query.input_ids[b : b + 1], torch.tensor([full])], 1)
+            with torch.no_grad():
+                logits = model(input_ids=seq, attention_mask=torch.ones_like(seq),
+                               image_features=features[b : b + 1]).logits[0].float()
+            c = len(full) - len(head)  # the candidate's tokens, predicted by the c logits before the last
+            logp = torch.log_softmax(logits[-c - 1 : -1], -1).gather(-1, seq[0, -c:, None]).squeeze(-1)
+            scores.append(float(logp.sum()))
+        torch.testing.assert_close(torch.tensor(batched[b]), torch.tensor(scores), rtol=0, atol=1e-4)
+        best = max(range(11), key=scores.__getitem__)
+        assert chosen[b] == prefix + candidates[best] + rest, (b, scores)
+
+
 def test_generate_value_decoding_is_greedy_only_and_keeps_texts_without_a_statement(tiny_model_fp32, tiny_tokenizer):
     import pytest
 
@@ -67,6 +107,8 @@ def test_generate_value_decoding_is_greedy_only_and_keeps_texts_without_a_statem
     prompts = [build_prompt("<image>\nIs there an opacity?")] * 2
     with pytest.raises(ConfigError, match="greedy decoding"):
         generate(tiny_model_fp32, tiny_tokenizer, prompts, images, do_sample=True, confidence_decoding="value")
+    with pytest.raises(ConfigError, match="'token' or 'value'"):
+        generate(tiny_model_fp32, tiny_tokenizer, prompts, images, confidence_decoding="values")
     plain = generate(tiny_model_fp32, tiny_tokenizer, prompts, images, max_new_tokens=6)
     by_value = generate(tiny_model_fp32, tiny_tokenizer, prompts, images, max_new_tokens=6,
                         confidence_decoding="value")

@@ -44,20 +44,68 @@ def confidence_candidates(text: str, scale: int = 10) -> tuple[str, list[str], s
     return text[: m.start("value")], [f"{v}{closing}" for v in range(scale + 1)], text[m.end():]
 
 
-def _continuation_ids(tokenizer, prefix: str, continuation: str) -> tuple[list[int], int]:
-    """Token ids of ``prefix + continuation`` and how many of them belong to the prefix.
+def _continuation_ids(tokenizer, prefix_ids: list[int], prefix: str, continuation: str) -> list[int]:
+    """Token ids of ``continuation`` as it is spelled after ``prefix`` (``prefix_ids`` = its ids).
 
-    The prefix is tokenised on its own and must be a prefix of the whole (true for LLaMA-style
-    tokenizers at a digit boundary); otherwise the continuation is tokenised separately.
+    ``prefix + continuation`` is tokenised whole and must start with ``prefix_ids`` (true for
+    LLaMA-style tokenizers at a digit boundary); otherwise the continuation is tokenised alone.
     """
-    head = tokenizer(prefix, add_special_tokens=False).input_ids
     whole = tokenizer(prefix + continuation, add_special_tokens=False).input_ids
-    if whole[: len(head)] == head and len(whole) > len(head):
-        return whole, len(head)
-    return head + tokenizer(continuation, add_special_tokens=False).input_ids, len(head)
+    if whole[: len(prefix_ids)] == prefix_ids and len(whole) > len(prefix_ids):
+        return whole[len(prefix_ids):]
+    return tokenizer(continuation, add_special_tokens=False).input_ids
 
 
 @torch.no_grad()
+def confidence_value_logprobs(
+    model,
+    tokenizer,
+    query_ids: torch.Tensor,
+    query_mask: torch.Tensor,
+    image_features: torch.Tensor,
+    texts: Sequence[str],
+    scale: int = 10,
+    rows_per_forward: int = 256,
+) -> dict[int, list[float]]:
+    """``{row: [log p(value 0), ..., log p(value scale)]}`` for every text with one integer
+    confidence statement: the summed log-probability of the value's tokens and the statement's
+    closing, given the prompt and the text before the value (arguments as
+    :func:`choose_confidence_values`)."""
+    jobs: list[tuple[int, list[int], int]] = []  # (row, prefix + candidate ids, candidate length)
+    for b, text in enumerate(texts):
+        split = confidence_candidates(text, scale)
+        if split is None:
+            continue
+        prefix, candidates, _ = split
+        prefix_ids = tokenizer(prefix, add_special_tokens=False).input_ids
+        for candidate in candidates:
+            ids = _continuation_ids(tokenizer, prefix_ids, prefix, candidate)
+            jobs.append((b, prefix_ids + ids, len(ids)))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = query_ids.device
+    out: dict[int, list[float]] = {}
+    for start in range(0, len(jobs), rows_per_forward):
+        chunk = jobs[start : start + rows_per_forward]
+        rows = torch.tensor([b for b, _, _ in chunk], device=device)
+        # Left-padded, so every candidate ends at the last position and the LM head only has to
+        # see the last `longest` ones (the padding between prompt and response is masked, and
+        # positions come from the attention mask).
+        response, response_mask = pad_rows([ids for _, ids, _ in chunk], pad, side="left")
+        response, response_mask = response.to(device), response_mask.to(device)
+        longest = max(n for _, _, n in chunk)
+        logits = model(
+            input_ids=torch.cat([query_ids[rows], response], 1),
+            attention_mask=torch.cat([query_mask[rows].to(response_mask.dtype), response_mask], 1),
+            image_features=image_features[rows], logits_to_keep=longest + 1,
+        ).logits[:, :-1].float()
+        # logits[:, j] predicts the token at response position -longest + j.
+        targets = response[:, -longest:]
+        logprobs = torch.log_softmax(logits, -1).gather(-1, targets[..., None]).squeeze(-1)
+        for k, (b, _, n) in enumerate(chunk):
+            out.setdefault(b, []).append(float(logprobs[k, longest - n :].sum()))
+    return out
+
+
 def choose_confidence_values(
     model,
     tokenizer,
@@ -78,45 +126,16 @@ def choose_confidence_values(
         image_features: ``[B, num_image_tokens, hidden]``.
         texts: the ``B`` greedy responses (decoded, special tokens removed).
         scale: confidence scale (10: values 0..10; 100: 0..100).
-        rows_per_forward: candidate rows per teacher-forced forward (memory bound).
+        rows_per_forward: candidate rows per teacher-forced forward (memory bound: the LM head
+            sees only the last few positions of each).
 
     Returns:
         The texts; rows without exactly one integer statement are returned unchanged.
     """
-    jobs: list[tuple[int, list[int], int]] = []  # (row, candidate ids, prefix length)
-    splits: dict[int, tuple[str, list[str], str]] = {}
-    for b, text in enumerate(texts):
-        split = confidence_candidates(text, scale)
-        if split is None:
-            continue
-        splits[b] = split
-        prefix, candidates, _ = split
-        jobs += [(b, *_continuation_ids(tokenizer, prefix, c)) for c in candidates]
-    if not jobs:
-        return list(texts)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    device = query_ids.device
-    scores: list[float] = []
-    for start in range(0, len(jobs), rows_per_forward):
-        chunk = jobs[start : start + rows_per_forward]
-        rows = torch.tensor([b for b, _, _ in chunk], device=device)
-        response, response_mask = pad_rows([ids for _, ids, _ in chunk], pad)
-        response, response_mask = response.to(device), response_mask.to(device)
-        width = response.shape[1]
-        logits = model(
-            input_ids=torch.cat([query_ids[rows], response], 1),
-            attention_mask=torch.cat([query_mask[rows].to(response_mask.dtype), response_mask], 1),
-            image_features=image_features[rows], logits_to_keep=width + 1,
-        ).logits[:, :-1].float()
-        # logits[:, t] predicts response[:, t] (the last query position predicts the first token).
-        logprobs = torch.log_softmax(logits, -1).gather(-1, response[..., None]).squeeze(-1)
-        for k, (_, ids, n_prefix) in enumerate(chunk):
-            scores.append(float(logprobs[k, n_prefix : len(ids)].sum()))
+    scores = confidence_value_logprobs(model, tokenizer, query_ids, query_mask, image_features, texts, scale,
+                                       rows_per_forward)
     out = list(texts)
-    per_row = scale + 1
-    for j in range(0, len(jobs), per_row):
-        b = jobs[j][0]
-        best = max(range(per_row), key=lambda v: scores[j + v])
-        prefix, candidates, rest = splits[b]
-        out[b] = prefix + candidates[best] + rest
+    for b, values in scores.items():
+        prefix, candidates, rest = confidence_candidates(texts[b], scale)
+        out[b] = prefix + candidates[max(range(len(values)), key=values.__getitem__)] + rest
     return out
