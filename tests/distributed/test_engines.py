@@ -1,10 +1,14 @@
-"""PPO and SFT on two CPU processes under DeepSpeed ZeRO-2 and ZeRO-3, against DDP.
+"""PPO and SFT on two CPU processes under DeepSpeed ZeRO-2, ZeRO-3 and FSDP2, against DDP.
 
-Per (kind, stage), from one straight run of 3 steps, one run resumed from its first checkpoint and
-one DDP run of the same config (see conftest.py): the engine really is DeepSpeed at that stage; both
-ranks hold the same trainable weights; they equal DDP's on the same rollouts / batches (within
-1e-5: only the order of floating-point reductions differs); the resumed run ends where the
-straight one did; the saved adapter (and PPO value head) are complete and equal the gathered weights.
+Per (kind, engine), from one straight run of 3 steps, one run resumed from its first checkpoint and
+one DDP run of the same config (see conftest.py; the DDP runs are shared by all engines): the
+engine really is the one asked for; both ranks hold the same trainable weights; they equal DDP's on
+the same rollouts / batches (within 1e-5: only the order of floating-point reductions differs); the
+resumed run ends where the straight one did; the saved adapter (and PPO value head) are complete and
+equal the gathered weights.
+
+FSDP2 runs go through the test-only launcher tests/distributed/fsdp_on_cpu.py, which lifts
+accelerate's single "FSDP needs a GPU-like device" check (see its docstring).
 """
 
 from __future__ import annotations
@@ -16,7 +20,16 @@ import torch
 
 pytestmark = pytest.mark.slow
 
-CASES = [pytest.param(kind, stage, id=f"{kind}-zero{stage}") for kind in ("ppo", "sft") for stage in (2, 3)]
+#: What each engine's ranks must report (observed_cli.py) and the trainer must log.
+EXPECTED = {
+    "zero2": ({"distributed_type": "DEEPSPEED", "zero_stage": 2, "num_processes": 2},
+              "runs under DEEPSPEED (ZeRO-2), 2 processes on cpu"),
+    "zero3": ({"distributed_type": "DEEPSPEED", "zero_stage": 3, "num_processes": 2},
+              "runs under DEEPSPEED (ZeRO-3), 2 processes on cpu"),
+    "fsdp2": ({"distributed_type": "FSDP", "zero_stage": None, "num_processes": 2, "fsdp_version": 2},
+              "runs under FSDP (FSDP2), 2 processes on cpu"),
+}
+CASES = [pytest.param(kind, engine, id=f"{kind}-{engine}") for kind in ("ppo", "sft") for engine in EXPECTED]
 
 
 def _max_diff(a: dict, b: dict) -> float:
@@ -24,65 +37,58 @@ def _max_diff(a: dict, b: dict) -> float:
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
-def _saved_policy(kind: str, run) -> dict:
-    """The adapter (and value head) the run wrote at its end, under the adapter file's keys."""
+def _policy_file(kind: str, run, checkpoint: str | None = None) -> dict:
+    """The adapter (and PPO value head) a run wrote, under the adapter file's keys.
+
+    ``checkpoint=None``: what it exported at its end (PPO: the last checkpoint; SFT: ``adapter/``,
+    since an FSDP ``checkpoint-N`` of SFT holds accelerate's shards, not an adapter file)."""
     from safetensors.torch import load_file
 
     out = run.output_dir / "out"
     if kind == "ppo":
-        checkpoint = out / "checkpoint-000003"
-        state = load_file(str(checkpoint / "adapter" / "adapter_model.safetensors"))
-        state.update(load_file(str(checkpoint / "value_head.safetensors")))
+        directory = out / (checkpoint or "checkpoint-000003")
+        state = load_file(str(directory / "adapter" / "adapter_model.safetensors"))
+        state.update(load_file(str(directory / "value_head.safetensors")))
         return state
-    return load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    return load_file(str((out / checkpoint if checkpoint else out / "adapter") / "adapter_model.safetensors"))
 
 
-@pytest.mark.parametrize("kind,stage", CASES)
-def test_runs_under_deepspeed_at_the_stage(runs, kind, stage):
-    run = runs.get(kind, f"zero{stage}")
+@pytest.mark.parametrize("kind,engine", CASES)
+def test_runs_under_the_engine_asked_for(runs, kind, engine):
+    run = runs.get(kind, engine)
+    info, log_line = EXPECTED[engine]
     for rank in (0, 1):
-        assert run.info(rank) == {"distributed_type": "DEEPSPEED", "zero_stage": stage, "num_processes": 2}
-    assert f"runs under DEEPSPEED (ZeRO-{stage}), 2 processes on cpu" in run.log
+        assert run.info(rank) == info
+    assert f"{kind.upper()} {log_line}" in run.log
     ddp = runs.get(kind, "ddp")
     assert ddp.info(0) == {"distributed_type": "MULTI_CPU", "zero_stage": None, "num_processes": 2}
 
 
-@pytest.mark.parametrize("kind,stage", CASES)
-def test_ranks_hold_identical_trainable_weights(runs, kind, stage):
-    run = runs.get(kind, f"zero{stage}")
+@pytest.mark.parametrize("kind,engine", CASES)
+def test_ranks_hold_identical_trainable_weights(runs, kind, engine):
+    run = runs.get(kind, engine)
     first, second = run.weights(0), run.weights(1)
     assert first.keys() == second.keys() and first
     for key in first:
         assert torch.equal(first[key], second[key]), key
 
 
-@pytest.mark.parametrize("kind,stage", CASES)
-def test_weights_equal_a_ddp_run(runs, kind, stage):
-    deepspeed, ddp = runs.get(kind, f"zero{stage}").weights(), runs.get(kind, "ddp").weights()
-    moved = _max_diff(ddp, _saved_first_checkpoint(kind, runs.get(kind, "ddp")))
-    diff = _max_diff(deepspeed, ddp)
-    print(f"{kind} ZeRO-{stage} vs DDP: max |diff| {diff:.3g} (training moved weights by up to {moved:.3g})")
+@pytest.mark.parametrize("kind,engine", CASES)
+def test_weights_equal_a_ddp_run(runs, kind, engine):
+    sharded, ddp = runs.get(kind, engine).weights(), runs.get(kind, "ddp").weights()
+    after_step_one = _policy_file(kind, runs.get(kind, "ddp"), "checkpoint-000001" if kind == "ppo" else "checkpoint-1")
+    moved = _max_diff(ddp, after_step_one)
+    diff = _max_diff(sharded, ddp)
+    print(f"{kind} {engine} vs DDP: max |diff| {diff:.3g} (training moved weights by up to {moved:.3g})")
     assert moved > 1e-4  # the steps trained something
     assert diff < 1e-5
 
 
-def _saved_first_checkpoint(kind: str, run) -> dict:
-    """The weights after step 1 (to show training moved them between steps 1 and 3)."""
-    from safetensors.torch import load_file
-
-    out = run.output_dir / "out"
-    if kind == "ppo":
-        state = load_file(str(out / "checkpoint-000001" / "adapter" / "adapter_model.safetensors"))
-        state.update(load_file(str(out / "checkpoint-000001" / "value_head.safetensors")))
-        return state
-    return load_file(str(out / "checkpoint-1" / "adapter_model.safetensors"))
-
-
-@pytest.mark.parametrize("kind,stage", CASES)
-def test_resume_reproduces_the_uninterrupted_run(runs, kind, stage):
-    straight, resumed = runs.get(kind, f"zero{stage}"), runs.get(kind, f"zero{stage}", "resumed")
+@pytest.mark.parametrize("kind,engine", CASES)
+def test_resume_reproduces_the_uninterrupted_run(runs, kind, engine):
+    straight, resumed = runs.get(kind, engine), runs.get(kind, engine, "resumed")
     diff = _max_diff(straight.weights(), resumed.weights())
-    print(f"{kind} ZeRO-{stage} resumed vs straight: max |diff| {diff:.3g}")
+    print(f"{kind} {engine} resumed vs straight: max |diff| {diff:.3g}")
     assert diff < 1e-6
     if kind == "ppo":
         keys = ("ppo/loss/policy", "ppo/loss/value", "env/score_mean", "objective/kl")
@@ -100,10 +106,10 @@ def test_resume_reproduces_the_uninterrupted_run(runs, kind, stage):
             assert rest[step] == pytest.approx(full[step], rel=1e-5, abs=1e-6), step
 
 
-@pytest.mark.parametrize("kind,stage", CASES)
-def test_saved_adapter_is_complete_and_equals_the_gathered_weights(runs, kind, stage):
-    run = runs.get(kind, f"zero{stage}")
-    saved, gathered = _saved_policy(kind, run), run.weights()
+@pytest.mark.parametrize("kind,engine", CASES)
+def test_saved_adapter_is_complete_and_equals_the_gathered_weights(runs, kind, engine):
+    run = runs.get(kind, engine)
+    saved, gathered = _policy_file(kind, run), run.weights()
     assert saved.keys() == gathered.keys()
     for key, tensor in saved.items():
         assert tensor.numel() > 0 and tensor.shape == gathered[key].shape, key

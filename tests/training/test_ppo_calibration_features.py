@@ -18,13 +18,6 @@ from radialog_rl.training.ppo.rollout import span_token_mask
 from radialog_rl.training.ppo.trainer import PPOTrainer
 
 
-@pytest.fixture(scope="module")
-def qa_data(tmp_path_factory):
-    from radialog_rl.testing.data import make_binary_qa_jsonl
-
-    return make_binary_qa_jsonl(tmp_path_factory.mktemp("ppo-cal-data"), n=8)
-
-
 def _config(release, data, tmp_path, **overrides) -> PPOConfig:
     fields = dict(
         model_path=str(release.model_path), model_base=str(release.model_base), train_file=str(data),

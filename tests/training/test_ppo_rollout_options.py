@@ -10,13 +10,6 @@ from radialog_rl.training.ppo.config import PPOConfig
 from radialog_rl.training.ppo.trainer import PPOTrainer
 
 
-@pytest.fixture(scope="module")
-def qa_data(tmp_path_factory):
-    from radialog_rl.testing.data import make_binary_qa_jsonl
-
-    return make_binary_qa_jsonl(tmp_path_factory.mktemp("ppo-rollout-data"), n=8)
-
-
 def _greedy(release, data, tmp_path, **options):
     config = PPOConfig(
         model_path=str(release.model_path), model_base=str(release.model_base), train_file=str(data),

@@ -11,13 +11,6 @@ from radialog_rl.training.ppo.config import PPOConfig
 from radialog_rl.training.ppo.trainer import PPOTrainer, response_logit_positions
 
 
-@pytest.fixture(scope="module")
-def qa_data(tmp_path_factory):
-    from radialog_rl.testing.data import make_binary_qa_jsonl
-
-    return make_binary_qa_jsonl(tmp_path_factory.mktemp("ppo-scoring-data"), n=8)
-
-
 def _trainer(release, data, tmp_path, **overrides) -> PPOTrainer:
     fields = dict(
         model_path=str(release.model_path), model_base=str(release.model_base), train_file=str(data),

@@ -21,13 +21,6 @@ HERE = Path(__file__).parent
 
 
 @pytest.fixture(scope="module")
-def qa_data(tmp_path_factory):
-    from radialog_rl.testing.data import make_binary_qa_jsonl
-
-    return make_binary_qa_jsonl(tmp_path_factory.mktemp("ppo-data"), n=8)
-
-
-@pytest.fixture(scope="module")
 def merged_dir(tiny_release, tmp_path_factory):
     from radialog_rl import save_lora_merged_llava_model_to_local_dir
 
