@@ -505,3 +505,5 @@ def test_pad_rows_left_and_right_with_masks():
     assert ids.dtype == torch.int32 and ids.tolist() == [[5, 6], [7, 9]] and mask.dtype == torch.long
     with pytest.raises(ConfigError, match="left' or 'right"):
         pad_rows(rows, 0, side="middle")
+    with pytest.raises(ConfigError, match="empty"):
+        pad_rows([], 0)

@@ -73,3 +73,9 @@ def test_a_policy_export_with_an_empty_tensor_is_refused(tmp_path):
               str(tmp_path / "adapter" / "adapter_model.safetensors"))
     with pytest.raises(CheckpointError, match=r"tensor base_model.model.lm_head.lora_A.weight is empty \(0,\)"):
         check_not_empty(tmp_path)
+
+
+def test_the_engine_is_named_in_words_the_log_reader_knows():
+    single = fake_accelerator(kind=DistributedType.NO, processes=1)
+    assert engines.describe_engine(single) == "a single process (no distributed engine), 1 process on cpu"
+    assert engines.describe_engine(fake_accelerator(kind=DistributedType.MULTI_CPU)) == "MULTI_CPU, 2 processes on cpu"

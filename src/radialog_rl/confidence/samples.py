@@ -84,7 +84,7 @@ def load_labelled_jsonl(path: str | os.PathLike) -> list[LabelledSample]:
                 raise ValueError(f"'response' must be a string, got {type(response).__name__}")
             prompt = user_message(row.prompt)
         except (ValueError, DataError) as exc:
-            errors.add(_line_number(row.source), str(exc))
+            errors.add(row.line, str(exc))
             continue
         samples.append(LabelledSample(
             id=row.fields.get("id", index), image=row.image, prompt=prompt, answer=answer,
@@ -92,11 +92,6 @@ def load_labelled_jsonl(path: str | os.PathLike) -> list[LabelledSample]:
         ))
     errors.raise_if_any()
     return samples
-
-
-def _line_number(source: str) -> int:
-    """The line number in a prompt row's ``"<file> line N"``."""
-    return int(source.rsplit(" ", 1)[-1])
 
 
 def sample_accuracy(sample: LabelledSample, response: str) -> float | None:

@@ -26,7 +26,8 @@ class PromptRow:
     prompt: str
     fields: dict
     prior_image: Path | None = None
-    source: str = ""
+    source: str = ""  # "<file> line N", for messages
+    line: int = 0  # N: the row's 1-based line in its file (0: not from a file)
 
 
 def load_prompt_jsonl(path: str | os.PathLike) -> list[PromptRow]:
@@ -46,7 +47,7 @@ def load_prompt_jsonl(path: str | os.PathLike) -> list[PromptRow]:
         if missing:
             errors.add(row.number, f"image not found: {', '.join(missing)}")
             continue
-        rows.append(PromptRow(image, data["prompt"], data, prior, row.source))
+        rows.append(PromptRow(image, data["prompt"], data, prior, row.source, row.number))
     errors.raise_if_any()
     if not rows:
         raise DataError(f"PPO data file {path} has no rows")

@@ -196,9 +196,9 @@ def _load_model(spec: ModelSpec) -> LoadedModel:
             trainable=spec.trainable, reference_copy=spec.reference == ReferenceMode.FROZEN_COPY,
         )
         attached = str(adapter_path) if adapter_path is not None else ADAPTER_FRESH
-    bundle = LoadedModel(model=model, tokenizer=tokenizer, llava=unwrap_llava(model), precision=precision,
-                         image_sizes=ImageSizes.for_crop(int(unwrap_llava(model).config.image_size)),
-                         info=info, adapter=attached)
+    llava = unwrap_llava(model)
+    bundle = LoadedModel(model=model, tokenizer=tokenizer, llava=llava, precision=precision,
+                         image_sizes=ImageSizes.for_crop(llava.config.image_size), info=info, adapter=attached)
     if spec.merge:
         bundle = bundle.merge_adapter()
         bundle.llava.config.use_cache = True
