@@ -103,6 +103,10 @@ def test_merged_copy_rollout_follows_the_policy(tiny_release, qa_data, tmp_path)
     from peft.tuners.lora import LoraLayer
 
     assert not any(isinstance(m, LoraLayer) for m in on.rollout_copy.model.modules())
+    from radialog_rl.modeling.value_head import remove_value_head_hooks
+
+    assert remove_value_head_hooks(on.rollout_copy.model) == 0  # the copied trunk feeds no value head
+    assert len(on.unwrapped.llava.model.norm._forward_hooks) >= 1  # the policy's own hook stays
 
 
 def test_merged_copy_refusals(tiny_release, qa_data):

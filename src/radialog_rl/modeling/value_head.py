@@ -90,6 +90,17 @@ class _HiddenCapture:
         self.output = output
 
 
+def remove_value_head_hooks(llava: nn.Module, capture: _HiddenCapture | None = None) -> int:
+    """Remove value-head capture hooks from ``llava.model.norm`` (only ``capture`` when given, else
+    all of them, e.g. from a deep copy of a trunk that carried one). Returns how many went."""
+    hooks = llava.model.norm._forward_hooks
+    keys = [k for k, hook in hooks.items()
+            if (hook is capture if capture is not None else isinstance(hook, _HiddenCapture))]
+    for key in keys:
+        del hooks[key]
+    return len(keys)
+
+
 class LlavaWithValueHead(nn.Module):
     """A causal LM (``LlavaLlamaForCausalLM`` or a ``PeftModel`` of it) plus a value head.
 
@@ -125,11 +136,10 @@ class LlavaWithValueHead(nn.Module):
         """Detach the value head's capture hook from the policy's ``model.norm`` now (it also goes
         when the wrapper is garbage collected). The wrapper cannot compute values afterwards."""
         try:
-            hooks = unwrap_llava(self.pretrained_model).model.norm._forward_hooks
+            llava = unwrap_llava(self.pretrained_model)
         except (AttributeError, KeyError):  # half-built or being torn down
             return
-        for key in [k for k, hook in hooks.items() if hook is self._capture]:
-            del hooks[key]
+        remove_value_head_hooks(llava, self._capture)
 
     def __del__(self) -> None:
         # Runs when the last reference to the wrapper goes (nothing in the policy refers back).

@@ -23,7 +23,7 @@ from torch import nn
 
 from radialog_rl.errors import ConfigError
 from radialog_rl.modeling.llava import LlavaLlamaForCausalLM, unwrap_llava
-from radialog_rl.modeling.value_head import _HiddenCapture
+from radialog_rl.modeling.value_head import remove_value_head_hooks
 
 logger = logging.getLogger(__name__)
 
@@ -176,19 +176,13 @@ class MergedRolloutCopy:
         # the copy's dtype; rotary inverse frequencies stay as the policy has them.
         for part in (model.model.embed_tokens, model.model.layers, model.model.norm, model.lm_head):
             part.to(dtype=dtype).requires_grad_(False)
-        self._drop_value_head_hooks(model)
+        # The value head's capture hook came along with the trunk's final norm: the copy's outputs
+        # must not feed (or be kept by) it.
+        remove_value_head_hooks(model)
         model.eval()
         self.model: LlavaLlamaForCausalLM = model
         self.refresh()
         logger.info("rollout_merged_copy: %d LoRA layers folded into a %s copy of the trunk", len(self._pairs), dtype)
-
-    @staticmethod
-    def _drop_value_head_hooks(model: nn.Module) -> None:
-        """The value head's capture hook came along with the trunk's final norm: the copy's outputs
-        must not feed (or be kept by) it."""
-        hooks = model.model.norm._forward_hooks
-        for key in [k for k, hook in hooks.items() if isinstance(hook, _HiddenCapture)]:
-            del hooks[key]
 
     @torch.no_grad()
     def refresh(self) -> None:
