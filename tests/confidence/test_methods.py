@@ -324,3 +324,11 @@ def test_prompts_use_the_given_system_prompt():
     bare = ptrue_prompts(["<image>\nIs there edema?"], ["yes"], system="")[0]
     assert default.startswith(SYSTEM_PROMPT) and bare.startswith(" USER: ") and SYSTEM_PROMPT not in bare
     assert default[len(SYSTEM_PROMPT):] == bare
+
+
+def test_confidence_decoding_is_token_or_value():
+    from radialog_rl.confidence.estimate import EstimateConfig
+
+    assert EstimateConfig(confidence_decoding="value").confidence_decoding == "value"
+    with pytest.raises(ConfigError, match="'token' or 'value'"):
+        EstimateConfig(confidence_decoding="values")

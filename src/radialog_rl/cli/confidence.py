@@ -81,6 +81,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                           help="samples per batch (default 8)")
     run_args.add_argument("--max-new-tokens", type=positive_int, default=64, metavar="N",
                           help="most new tokens of a generated (greedy) response (default 64)")
+    run_args.add_argument("--confidence-decoding", choices=("token", "value"), default="token",
+                          help="how a generated response's {\"confidence\": N} is chosen: token (plain "
+                               "greedy, default) or value (the most likely whole value: \"10\" is two "
+                               "tokens, which token-level greedy favours)")
     run_args.add_argument("--scale", type=int, choices=(10, 100), default=10,
                           help="scale of the verbalized confidence (default 10)")
     run_args.add_argument("--no-chat-template", action="store_true",
@@ -142,6 +146,7 @@ def _config(args: argparse.Namespace):
         chat_template=not args.no_chat_template, system_prompt=args.system_prompt, ptrue=ptrue,
         seqprob=SeqProbConfig(reduction=args.seqprob_reduction, include_eos=not args.seqprob_no_eos),
         probe_features=ProbeFeatureConfig(layer=args.probe_layer, position=args.probe_position),
+        confidence_decoding=args.confidence_decoding,
     )
 
 

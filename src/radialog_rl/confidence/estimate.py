@@ -60,6 +60,8 @@ class EstimateConfig:
         ptrue / seqprob: the method settings.
         probe_features: layer and position of the probe's features when training one (a loaded
             probe carries its own).
+        confidence_decoding: how a generated response's stated confidence is chosen: "token"
+            (plain greedy) or "value" (the most likely whole value; :mod:`radialog_rl.value_greedy`).
     """
 
     batch_size: int = 8
@@ -70,10 +72,13 @@ class EstimateConfig:
     ptrue: PTrueConfig = field(default_factory=PTrueConfig)
     seqprob: SeqProbConfig = field(default_factory=SeqProbConfig)
     probe_features: ProbeFeatureConfig = field(default_factory=ProbeFeatureConfig)
+    confidence_decoding: str = "token"
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.max_new_tokens < 1:
             raise ConfigError("batch_size and max_new_tokens must be >= 1")
+        if self.confidence_decoding not in ("token", "value"):
+            raise ConfigError(f"confidence_decoding must be 'token' or 'value', got {self.confidence_decoding!r}")
 
 
 @dataclass
@@ -113,7 +118,8 @@ def _responses(model, tokenizer, samples, prompts, features, config: EstimateCon
             ids[i] = tokenizer(s.response, add_special_tokens=False).input_ids + [eos]
     if todo:
         results = generate(model, tokenizer, [prompts[i] for i in todo], None,
-                           image_features=features[todo], max_new_tokens=config.max_new_tokens)
+                           image_features=features[todo], max_new_tokens=config.max_new_tokens,
+                           confidence_decoding=config.confidence_decoding, confidence_scale=config.scale)
         for i, r in zip(todo, results):
             texts[i], ids[i], finished[i] = r.text, list(r.token_ids), r.finished_by
     return texts, ids, finished
