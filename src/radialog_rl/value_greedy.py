@@ -56,6 +56,61 @@ def _continuation_ids(tokenizer, prefix_ids: list[int], prefix: str, continuatio
     return tokenizer(continuation, add_special_tokens=False).input_ids
 
 
+def value_candidate_ids(tokenizer, texts: Sequence[str], scale: int = 10) -> list[tuple[int, list[list[int]]] | None]:
+    """Per text, ``(prefix_length, ids)``: ``ids[v]`` the token ids of ``prefix + str(v) + closing``
+    for ``v = 0..scale`` (the response up to and including the statement with each value in turn),
+    whose first ``prefix_length`` tokens are the prefix; None for a text without exactly one
+    integer statement (:func:`confidence_candidates`)."""
+    out: list[tuple[int, list[list[int]]] | None] = []
+    for text in texts:
+        split = confidence_candidates(text, scale)
+        if split is None:
+            out.append(None)
+            continue
+        prefix, candidates, _ = split
+        prefix_ids = tokenizer(prefix, add_special_tokens=False).input_ids
+        out.append((len(prefix_ids),
+                    [prefix_ids + _continuation_ids(tokenizer, prefix_ids, prefix, c) for c in candidates]))
+    return out
+
+
+def candidate_logprobs(
+    model,
+    query_ids: torch.Tensor,
+    query_mask: torch.Tensor,
+    image_features: torch.Tensor,
+    rows: Sequence[int],
+    candidates: Sequence[Sequence[int]],
+    lengths: Sequence[int],
+    pad_token_id: int,
+) -> torch.Tensor:
+    """``[N]`` summed log-probabilities of the last ``lengths[k]`` tokens of ``candidates[k]`` given
+    the query of row ``rows[k]`` and the candidate's earlier tokens, in ONE teacher-forced forward
+    (differentiable: PPO's ``confidence_objective: all_values`` trains through it).
+
+    ``query_ids`` / ``query_mask`` ``[B, Tq]`` left-padded, image-expanded prompts,
+    ``image_features`` ``[B, num_image_tokens, hidden]``; ``rows`` index them.
+    """
+    device = query_ids.device
+    index = torch.as_tensor(list(rows), device=device)
+    # Left-padded, so every candidate ends at the last position and the LM head only has to see the
+    # last `longest` ones (the padding between prompt and response is masked, and positions come
+    # from the attention mask).
+    response, response_mask = pad_rows([list(c) for c in candidates], pad_token_id, side="left")
+    response, response_mask = response.to(device), response_mask.to(device)
+    longest = max(lengths)
+    logits = model(
+        input_ids=torch.cat([query_ids[index], response], 1),
+        attention_mask=torch.cat([query_mask[index].to(response_mask.dtype), response_mask], 1),
+        image_features=image_features[index], logits_to_keep=longest + 1,
+    ).logits[:, :-1].float()
+    # logits[:, j] predicts the token at response position -longest + j.
+    targets = response[:, -longest:]
+    logprobs = torch.log_softmax(logits, -1).gather(-1, targets[..., None]).squeeze(-1)
+    keep = torch.arange(longest, device=device)[None, :] >= (longest - torch.as_tensor(list(lengths), device=device))[:, None]
+    return (logprobs * keep).sum(1)
+
+
 @torch.no_grad()
 def confidence_value_logprobs(
     model,
@@ -72,37 +127,18 @@ def confidence_value_logprobs(
     closing, given the prompt and the text before the value (arguments as
     :func:`choose_confidence_values`)."""
     jobs: list[tuple[int, list[int], int]] = []  # (row, prefix + candidate ids, candidate length)
-    for b, text in enumerate(texts):
-        split = confidence_candidates(text, scale)
-        if split is None:
-            continue
-        prefix, candidates, _ = split
-        prefix_ids = tokenizer(prefix, add_special_tokens=False).input_ids
-        for candidate in candidates:
-            ids = _continuation_ids(tokenizer, prefix_ids, prefix, candidate)
-            jobs.append((b, prefix_ids + ids, len(ids)))
+    for b, split in enumerate(value_candidate_ids(tokenizer, texts, scale)):
+        if split is not None:
+            prefix_len, candidates = split
+            jobs.extend((b, ids, len(ids) - prefix_len) for ids in candidates)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    device = query_ids.device
     out: dict[int, list[float]] = {}
     for start in range(0, len(jobs), rows_per_forward):
         chunk = jobs[start : start + rows_per_forward]
-        rows = torch.tensor([b for b, _, _ in chunk], device=device)
-        # Left-padded, so every candidate ends at the last position and the LM head only has to
-        # see the last `longest` ones (the padding between prompt and response is masked, and
-        # positions come from the attention mask).
-        response, response_mask = pad_rows([ids for _, ids, _ in chunk], pad, side="left")
-        response, response_mask = response.to(device), response_mask.to(device)
-        longest = max(n for _, _, n in chunk)
-        logits = model(
-            input_ids=torch.cat([query_ids[rows], response], 1),
-            attention_mask=torch.cat([query_mask[rows].to(response_mask.dtype), response_mask], 1),
-            image_features=image_features[rows], logits_to_keep=longest + 1,
-        ).logits[:, :-1].float()
-        # logits[:, j] predicts the token at response position -longest + j.
-        targets = response[:, -longest:]
-        logprobs = torch.log_softmax(logits, -1).gather(-1, targets[..., None]).squeeze(-1)
-        for k, (b, _, n) in enumerate(chunk):
-            out.setdefault(b, []).append(float(logprobs[k, longest - n :].sum()))
+        logprobs = candidate_logprobs(model, query_ids, query_mask, image_features, [b for b, _, _ in chunk],
+                                      [ids for _, ids, _ in chunk], [n for _, _, n in chunk], pad)
+        for (b, _, _), value in zip(chunk, logprobs.tolist()):
+            out.setdefault(b, []).append(value)
     return out
 
 

@@ -64,3 +64,30 @@ def test_score_goes_on_the_span_while_kl_covers_the_whole_response():
     torch.testing.assert_close(non_score, -0.1 * kl)
     # the score sits on the span's last token (2), not on EOS (4); KL is charged everywhere
     torch.testing.assert_close(rewards, torch.tensor([[-0.05, 0.0, 2.95, -0.05, -0.2]]))
+
+
+def test_all_values_loss_is_the_exact_expected_reward_hand_computed():
+    # One response, three values with q = (0.5, 0.25, 0.25) (log-probs need not be normalised:
+    # q is renormalised over the candidates), rewards (1, 0, -1).
+    logp = torch.log(torch.tensor([[0.5, 0.25, 0.25]])) - 3.0
+    logp.requires_grad_(True)
+    rewards = torch.tensor([[1.0, 0.0, -1.0]])
+    loss, expected, entropy = L.all_values_loss(logp, rewards)
+    assert expected.item() == pytest.approx(0.25) and loss.item() == pytest.approx(-0.25)
+    assert entropy.item() == pytest.approx(-(0.5 * math.log(0.5) + 2 * 0.25 * math.log(0.25)))
+    loss.backward()
+    # d(-sum q r)/d logp_v = -q_v (r_v - E_q r): -(0.5*0.75), -(0.25*-0.25), -(0.25*-1.25)
+    torch.testing.assert_close(logp.grad, torch.tensor([[-0.375, 0.0625, 0.3125]]))
+
+
+def test_all_values_loss_averages_rows_and_ignores_a_constant_reward_shift():
+    logp = torch.tensor([[0.0, 0.0], [math.log(3.0), 0.0]], requires_grad=True)
+    rewards = torch.tensor([[2.0, 0.0], [0.0, 4.0]])
+    loss, expected, _ = L.all_values_loss(logp, rewards)
+    # row 0: q = (1/2, 1/2) -> 1; row 1: q = (3/4, 1/4) -> 1; mean 1
+    assert expected.item() == pytest.approx(1.0)
+    (grad,) = torch.autograd.grad(loss, logp)
+    (shifted,) = torch.autograd.grad(L.all_values_loss(logp, rewards + 5.0)[0], logp)
+    torch.testing.assert_close(grad, shifted)  # sum_v q = 1: no baseline needed
+    with pytest.raises(ValueError, match="same"):
+        L.all_values_loss(torch.zeros(2, 3), torch.zeros(2, 4))

@@ -259,3 +259,52 @@ def test_best_metric_must_be_an_eval_metric():
     assert PPOConfig(best_metric="eval/auroc").best_metric == "eval/auroc"
     with pytest.raises(ConfigError, match="best_metric"):
         PPOConfig(best_metric="auc")  # a typo would otherwise never select a best step
+
+
+def _value_reward(samples, responses):
+    """Score = -(1 - v/10)^2 of the stated value v (higher is better); a response without a
+    statement is rewritten to 'yes {"confidence": 4}' (so the tiny random policy has one)."""
+    import re
+
+    texts, scores, spans = [], [], []
+    for r in responses:
+        m = re.search(r'\{"confidence": (\d+)\}', r)
+        if m is None:
+            r = 'yes {"confidence": 4}'
+            m = re.search(r'\{"confidence": (\d+)\}', r)
+        texts.append(r)
+        scores.append(-(1 - int(m.group(1)) / 10) ** 2)
+        spans.append(m.span())
+    return RewardOutput(scores=scores, spans=spans, texts=texts)
+
+
+def test_all_values_objective_scores_every_value_and_raises_the_expected_reward(tiny_release, qa_data, tmp_path):
+    config = _config(tiny_release, qa_data, tmp_path, confidence_objective="all_values", kl_penalty="loss",
+                     kl_estimator="k3", learning_rate=3e-3)
+    trainer = PPOTrainer(config, reward_fn=_value_reward)
+    batch = trainer.rollout()
+    assert all(c is not None and len(c[1]) == 11 for c in batch.value_candidates)
+    # The reward of each value, hand-computed: -(1 - v/10)^2 for every response.
+    expected = torch.tensor([-(1 - v / 10) ** 2 for v in range(11)]).expand(4, 11)
+    torch.testing.assert_close(batch.value_rewards, expected)
+    assert batch.mask.sum() == 0  # the statement is optimised by the all-values term, not the sampled loss
+    assert batch.kl_mask.sum() > 0
+    for b, (n, ids) in enumerate(batch.value_candidates):
+        assert trainer.tokenizer.decode(ids[7]) == batch.texts[b][: batch.texts[b].index("}") + 1].replace("4", "7")
+    with torch.no_grad():
+        before = trainer._all_values_term(trainer.model, batch, torch.arange(4))[1]
+    metrics = trainer.step()
+    assert metrics["env/all_values_fraction"] == 1.0
+    assert np.isfinite(metrics["ppo/values/expected_reward"]) and metrics["ppo/values/entropy"] > 0
+    with torch.no_grad():
+        after = trainer._all_values_term(trainer.model, batch, torch.arange(4))[1]
+    assert after > before  # one update moved mass towards the higher-reward values
+
+
+def test_all_values_objective_refuses_exploration(tiny_release, qa_data, tmp_path):
+    with pytest.raises(ConfigError, match="explore_prob"):
+        _config(tiny_release, qa_data, tmp_path, confidence_objective="all_values", reward="quadratic_blend",
+                reward_params={"explore_prob": 0.3})
+    reward = get_reward("quadratic_blend", explore_prob=0.5)
+    with pytest.raises(ConfigError, match="explore_prob"):
+        PPOTrainer(_config(tiny_release, qa_data, tmp_path, confidence_objective="all_values"), reward_fn=reward)

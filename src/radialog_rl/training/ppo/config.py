@@ -119,6 +119,14 @@ class PPOConfig(RunSection, LoraSection, ModelSection):  # fields: model, LoRA, 
     advantage_estimator: Literal["gae", "rloo"] = "gae"
     """"gae": value head + GAE (legacy TRL / the published run); "rloo": per-prompt leave-one-out
     baseline over samples_per_prompt samples (no value head in the loss)."""
+    confidence_objective: Literal["sampled", "all_values"] = "sampled"
+    """How the confidence statement is optimised. "sampled": the policy loss on the sampled value's
+    tokens with the advantage_estimator's advantage (PPO's clipped surrogate). "all_values": the
+    exact expected reward over every value 0..scale (reward_params scale, default 10), each value
+    scored by the reward on the response with that value (the all-action policy gradient,
+    losses.all_values_loss); no sampling noise in the value, one extra teacher-forced forward of
+    scale + 1 short rows per sample. Samples without a statement keep the sampled loss
+    (span_fallback). Needs a reward whose score is a function of the text (exploration off)."""
     kl_penalty: Literal["reward", "loss"] = "reward"
     """"reward": -beta*KL in the per-token rewards (legacy TRL); "loss": beta*KL as a loss term over the
     whole sampled response (answer and EOS stay anchored when the policy loss covers only a span)."""
@@ -255,7 +263,15 @@ class PPOConfig(RunSection, LoraSection, ModelSection):  # fields: model, LoRA, 
                               "(one more full copy of the trunk)")
         if self.advantage_estimator == "rloo" and self.samples_per_prompt < 2:
             raise ConfigError("advantage_estimator 'rloo' needs samples_per_prompt >= 2")
+        if self.confidence_objective == "all_values" and float(self.reward_params.get("explore_prob", 0) or 0) > 0:
+            raise ConfigError("confidence_objective 'all_values' scores every value itself: set "
+                              "reward_params.explore_prob to 0 (exploration would rewrite the texts it scores)")
         return self
+
+    @property
+    def confidence_scale(self) -> int:
+        """The confidence scale of the reward (``reward_params.scale``, default 10)."""
+        return int(self.reward_params.get("scale", 10))
 
     @classmethod
     def resolve_paths(cls, data, base_dir):

@@ -566,3 +566,46 @@ def kl_loss(
         return zero, zero.detach()
     loss = masked_mean(kl, mask)
     return loss, loss.detach()
+
+
+def all_values_loss(
+    value_logprobs: torch.Tensor, value_rewards: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The exact expected reward of a stated confidence over every value it could take, as a loss
+    (the "all-action" policy gradient for a small discrete action: Allen et al. 2017, "Mean Actor
+    Critic"; Ciosek & Whiteson 2018, "Expected Policy Gradients").
+
+    A sampled policy gradient learns from the one value the policy drew, ``(r(v) - b) * grad log
+    pi(v)``; its noise is what a calibration reward drowns in (most answers are right, so most
+    samples only say "higher"). When the reward of every value is known (a calibration reward is a
+    function of the value and the answer's correctness), the expectation over values can be taken
+    exactly: ``J = sum_v q(v) r(v)`` with ``q`` the policy's distribution over the values, whose
+    gradient ``sum_v q(v) (r(v) - E_q r) grad log q(v)`` has no sampling noise in the value (only
+    in the sampled answer that decides correctness). Its maximiser for a given image states the
+    value ``v`` maximising ``p r(v, right) + (1 - p) r(v, wrong)``, ``p`` the chance the answer
+    is right: ``v = 10 p`` for a proper scoring rule such as the Brier-based ``quadratic_blend``.
+
+    ``q`` is renormalised over the candidates (the reward is defined on values; the mass the policy
+    puts on tokens that are no value is left to the KL anchor), so no baseline is needed: ``sum_v q
+    = 1`` makes any constant baseline vanish from the gradient.
+
+    Args:
+        value_logprobs: ``[B, V]`` the policy's log-probability of each value's complete tokens
+            (value and closing) after the same prefix, with grad (``V = scale + 1``).
+        value_rewards: ``[B, V]`` the (processed) reward the response would get with each value;
+            constants.
+
+    Returns:
+        ``(loss, expected_reward, entropy)``: ``loss = -mean_b sum_v q_bv r_bv`` (0-dim, with
+        grad); ``expected_reward`` its negative and ``entropy`` the mean entropy of ``q`` (nats),
+        both detached.
+    """
+    if value_logprobs.shape != value_rewards.shape or value_logprobs.dim() != 2:
+        raise ValueError(f"value_logprobs {tuple(value_logprobs.shape)} and value_rewards "
+                         f"{tuple(value_rewards.shape)} must be the same [B, V]")
+    log_q = torch.log_softmax(value_logprobs.float(), dim=-1)
+    q = log_q.exp()
+    expected = (q * value_rewards.detach().float()).sum(-1)  # [B]
+    entropy = -(q * log_q).sum(-1)
+    loss = -expected.mean()
+    return loss, -loss.detach(), entropy.mean().detach()

@@ -97,7 +97,12 @@ from radialog_rl.training.run_dir import (
     remove_run_files,
     truncate_metrics,
 )
-from radialog_rl.value_greedy import choose_confidence_values
+from radialog_rl.value_greedy import (
+    candidate_logprobs,
+    choose_confidence_values,
+    confidence_candidates,
+    value_candidate_ids,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +118,13 @@ class Rollout:
     reference (the whole response through EOS, less exploration-rewritten tokens; zero for skipped
     samples); ``image_features`` ``[B, N_img, hidden]``. With ``samples_per_prompt = K`` the rows
     come in contiguous groups of K samples of one prompt.
+
+    With ``confidence_objective: all_values``, ``value_candidates[b]`` is ``(prefix_length, ids)``
+    (:func:`~radialog_rl.value_greedy.value_candidate_ids`: the response up to its statement with
+    each value 0..scale) for a valid sample with one integer statement, else None, and
+    ``value_rewards`` ``[B, scale + 1]`` the processed score of each such response (NaN elsewhere);
+    those samples' ``mask`` is zero (their statement is optimised by
+    :func:`~radialog_rl.training.ppo.losses.all_values_loss` instead).
     """
 
     rows: list[PromptRow]
@@ -130,6 +142,8 @@ class Rollout:
     reward_output: object = None
     rewritten: torch.Tensor | None = None  # [B] bool: exploration rewrote the confidence
     span_fallbacks: int = 0  # valid samples without a span (see PPOConfig.span_fallback)
+    value_candidates: list | None = None
+    value_rewards: torch.Tensor | None = None
 
     @property
     def query_length(self) -> int:
@@ -269,6 +283,9 @@ class PPOTrainer:
                 params["accuracy_scorer"] = build_scorer(config.accuracy_scorer, **config.scorer)
             reward_fn = load_config_reward(config.reward, params, config.config_dir)
         self.reward_fn = reward_fn
+        if config.confidence_objective == "all_values" and getattr(reward_fn, "explore_prob", 0.0) > 0:
+            raise ConfigError("confidence_objective 'all_values' scores every value itself: the reward's "
+                              "explore_prob must be 0 (exploration would rewrite the texts it scores)")
         if rows is None:
             if not config.train_file:
                 raise ConfigError("no PPO data: set train_file in the config")
@@ -481,6 +498,12 @@ class PPOTrainer:
         eos_seen = L.has_eos(response, self.tokenizer.eos_token_id)
         scores = self._process_scores(raw_scores.to(device), valid.to(device), eos_seen)
         loss_mask, kl_mask, fallbacks = self._masks(response, response_mask, output.spans, rewritten, valid)
+        value_candidates = value_rewards = None
+        if cfg.confidence_objective == "all_values":
+            value_candidates, value_rewards = self._score_values(rows, texts, valid)
+            for b, candidates in enumerate(value_candidates):
+                if candidates is not None:
+                    loss_mask[b] = 0  # optimised by the all-values term instead
         return Rollout(
             rows=rows,
             input_ids=torch.cat([query.input_ids.to(device), response], 1),
@@ -488,7 +511,59 @@ class PPOTrainer:
             response_ids=response, mask=loss_mask, kl_mask=kl_mask, image_features=features,
             scores=scores, raw_scores=raw_scores, valid=valid, texts=texts, has_eos=eos_seen,
             reward_output=output, rewritten=torch.tensor(rewritten), span_fallbacks=fallbacks,
+            value_candidates=value_candidates, value_rewards=value_rewards,
         )
+
+    @property
+    def confidence_scale(self) -> int:
+        """The reward's confidence scale (its ``scale`` attribute, else ``reward_params.scale``)."""
+        return int(getattr(self.reward_fn, "scale", self.config.confidence_scale))
+
+    def _score_values(self, rows: list[PromptRow], texts: list[str], valid: torch.Tensor):
+        """``(value_candidates, value_rewards)`` of :class:`Rollout` (``confidence_objective:
+        all_values``): the reward is called once per value on every response with its statement's
+        value replaced. The scores are processed as the sampled ones are (running-std scaling with
+        the moments as they are now, then the clip); the no-EOS penalty is one constant per
+        response and cannot change which value is better, so it is left out."""
+        cfg, scale = self.config, self.confidence_scale
+        splits = [confidence_candidates(t, scale) if bool(ok) else None for t, ok in zip(texts, valid)]
+        candidates = [c if split is not None else None
+                      for c, split in zip(value_candidate_ids(self.tokenizer, texts, scale), splits)]
+        rewards = torch.full((len(rows), scale + 1), float("nan"))
+        for v in range(scale + 1):
+            texts_v = [t if split is None else split[0] + split[1][v] + split[2] for t, split in zip(texts, splits)]
+            raw, ok = check_scores(self._call_reward(rows, texts_v).scores, rows)
+            rewards[:, v] = torch.where(ok, raw.float(), torch.nan)
+        for b in range(len(rows)):
+            if candidates[b] is not None and bool(torch.isnan(rewards[b]).any()):
+                candidates[b] = None  # some value was not scored: the sampled loss handles this one
+        device = self.accelerator.device
+        rewards = rewards.to(device)
+        if cfg.score_normalization:
+            rewards = normalize_scores(rewards, self.score_moments)
+        if cfg.score_clip is not None:
+            rewards = clip_scores(rewards, cfg.score_clip)
+        return candidates, rewards
+
+    def _all_values_term(self, model, batch: Rollout, idx: torch.Tensor):
+        """``(loss, expected_reward, entropy)`` of :func:`L.all_values_loss` over the rows of ``idx``
+        that have value candidates (one teacher-forced forward of ``scale + 1`` rows each), or None."""
+        if batch.value_candidates is None:
+            return None
+        chosen = [b for b in idx.tolist() if batch.value_candidates[b] is not None]
+        if not chosen:
+            return None
+        rows, ids, lengths = [], [], []
+        for b in chosen:
+            prefix_length, candidates = batch.value_candidates[b]
+            rows += [b] * len(candidates)
+            ids += candidates
+            lengths += [len(c) - prefix_length for c in candidates]
+        tq = batch.query_length
+        logprobs = candidate_logprobs(model, batch.input_ids[:, :tq], batch.attention_mask[:, :tq],
+                                      batch.image_features, rows, ids, lengths, self.pad_token_id)
+        rewards = batch.value_rewards[torch.tensor(chosen, device=batch.value_rewards.device)]
+        return L.all_values_loss(logprobs.view(len(chosen), -1), rewards)
 
     def _masks(self, response, response_mask, spans, rewritten, valid):
         """``(loss_mask, kl_mask, n_fallbacks)``, each mask ``[B, Tr]`` (see :class:`Rollout`).
@@ -701,7 +776,8 @@ class PPOTrainer:
         advantages, returns = adv.advantages, adv.returns
         stats: dict[str, list[float]] = {k: [] for k in ("policy_loss", "value_loss", "kl_loss", "clipfrac",
                                                           "vf_clipfrac", "approx_kl", "ratio",
-                                                          "first_ratio_max_dev")}
+                                                          "first_ratio_max_dev", "values_expected_reward",
+                                                          "values_entropy")}
         groups = cfg.gradient_accumulation_steps
         kl_mask = batch.kl_mask.to(mask.dtype)
         use_value = cfg.advantage_estimator == "gae"
@@ -732,10 +808,15 @@ class PPOTrainer:
                             kl_part = self.kl_ctl.value * kl_term
                         if m.any():
                             loss = pg + cfg.vf_coef * vf + kl_part
-                        else:  # no optimised token here: only the KL term (if any) counts
+                        else:  # no sampled token optimised here: only the KL (and all-values) terms count
                             pg = vf = clipfrac = vf_clipfrac = approx_kl = ratio = torch.zeros(())
                             # a zero that keeps every parameter in the graph (DDP needs each rank's backward)
                             loss = (logprobs.sum() + values.sum()) * 0.0 + kl_part
+                        all_values = self._all_values_term(self.model, batch, idx)
+                        if all_values is not None:
+                            loss = loss + all_values[0]
+                            stats["values_expected_reward"].append(float(all_values[1]))
+                            stats["values_entropy"].append(float(all_values[2]))
                         # The mean over the group's micro-batches (a last group may be shorter than
                         # gradient_accumulation_steps); DeepSpeed must not divide again.
                         loss = loss / len(group)
@@ -799,6 +880,10 @@ class PPOTrainer:
             "ppo/policy/approxkl": mean(train_stats["approx_kl"]),
             "ppo/policy/ratio_mean": mean(train_stats["ratio"]),
             "ppo/policy/first_ratio_max_dev": mean(train_stats["first_ratio_max_dev"]),
+            "ppo/values/expected_reward": mean(train_stats["values_expected_reward"]),
+            "ppo/values/entropy": mean(train_stats["values_entropy"]),
+            "env/all_values_fraction": (sum(c is not None for c in batch.value_candidates) / len(batch.rows)
+                                        if batch.value_candidates is not None else 0.0),
             "ppo/val/error": float(L.masked_mean((values - returns) ** 2, mask)) if mask.any() else float("nan"),
             "ppo/val/explained_variance": float(L.explained_variance(values, returns, mask)) if mask.sum() > 1 else 0.0,
             "ppo/learning_rate": self.scheduler.get_last_lr()[0],
