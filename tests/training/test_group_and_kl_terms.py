@@ -67,27 +67,28 @@ def test_score_goes_on_the_span_while_kl_covers_the_whole_response():
 
 
 def test_all_values_loss_is_the_exact_expected_reward_hand_computed():
-    # One response, three values with q = (0.5, 0.25, 0.25) (log-probs need not be normalised:
-    # q is renormalised over the candidates), rewards (1, 0, -1).
-    logp = torch.log(torch.tensor([[0.5, 0.25, 0.25]])) - 3.0
-    logp.requires_grad_(True)
+    # One response, three values with p = (0.4, 0.2, 0.2): 0.2 of the mass on tokens that are no
+    # value (a failure, reward -6); rewards (1, 0, -1).
+    logp = torch.log(torch.tensor([[0.4, 0.2, 0.2]])).requires_grad_(True)
     rewards = torch.tensor([[1.0, 0.0, -1.0]])
-    loss, expected, entropy = L.all_values_loss(logp, rewards)
-    assert expected.item() == pytest.approx(0.25) and loss.item() == pytest.approx(-0.25)
+    loss, expected, entropy, mass = L.all_values_loss(logp, rewards, torch.tensor([-6.0]))
+    # J = 0.4 - 0.2 + 0.2 * -6 = -1.0
+    assert expected.item() == pytest.approx(-1.0) and loss.item() == pytest.approx(1.0)
+    assert mass.item() == pytest.approx(0.8)
+    # entropy of the renormalised (0.5, 0.25, 0.25)
     assert entropy.item() == pytest.approx(-(0.5 * math.log(0.5) + 2 * 0.25 * math.log(0.25)))
     loss.backward()
-    # d(-sum q r)/d logp_v = -q_v (r_v - E_q r): -(0.5*0.75), -(0.25*-0.25), -(0.25*-1.25)
-    torch.testing.assert_close(logp.grad, torch.tensor([[-0.375, 0.0625, 0.3125]]))
+    # dJ/d logp_v = p_v (r_v - r_fail): 0.4*7, 0.2*6, 0.2*5; the loss is -J
+    torch.testing.assert_close(logp.grad, torch.tensor([[-2.8, -1.2, -1.0]]))
 
 
-def test_all_values_loss_averages_rows_and_ignores_a_constant_reward_shift():
-    logp = torch.tensor([[0.0, 0.0], [math.log(3.0), 0.0]], requires_grad=True)
+def test_all_values_loss_averages_rows_and_a_failure_at_the_worst_value_costs_nothing_extra():
+    logp = torch.log(torch.tensor([[0.5, 0.5], [0.75, 0.25]]))
     rewards = torch.tensor([[2.0, 0.0], [0.0, 4.0]])
-    loss, expected, _ = L.all_values_loss(logp, rewards)
-    # row 0: q = (1/2, 1/2) -> 1; row 1: q = (3/4, 1/4) -> 1; mean 1
-    assert expected.item() == pytest.approx(1.0)
-    (grad,) = torch.autograd.grad(loss, logp)
-    (shifted,) = torch.autograd.grad(L.all_values_loss(logp, rewards + 5.0)[0], logp)
-    torch.testing.assert_close(grad, shifted)  # sum_v q = 1: no baseline needed
+    _, expected, _, mass = L.all_values_loss(logp, rewards, torch.tensor([0.0, 0.0]))
+    # row 0: 1; row 1: 1; mean 1; all mass on values
+    assert expected.item() == pytest.approx(1.0) and mass.item() == pytest.approx(1.0)
     with pytest.raises(ValueError, match="same"):
-        L.all_values_loss(torch.zeros(2, 3), torch.zeros(2, 4))
+        L.all_values_loss(torch.zeros(2, 3), torch.zeros(2, 4), torch.zeros(2))
+    with pytest.raises(ValueError, match="failure_rewards"):
+        L.all_values_loss(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(3))

@@ -262,12 +262,18 @@ def test_best_metric_must_be_an_eval_metric():
 
 
 def _value_reward(samples, responses):
-    """Score = -(1 - v/10)^2 of the stated value v (higher is better); a response without a
-    statement is rewritten to 'yes {"confidence": 4}' (so the tiny random policy has one)."""
+    """Score = -(1 - v/10)^2 of the stated value v (higher is better), -6 for a statement without a
+    value; a response without a statement is rewritten to 'yes {"confidence": 4}' (so the tiny
+    random policy has one)."""
     import re
 
     texts, scores, spans = [], [], []
     for r in responses:
+        if r.endswith('{"confidence": '):
+            texts.append(r)
+            scores.append(-6.0)  # the statement with its value removed: a failure
+            spans.append(None)
+            continue
         m = re.search(r'\{"confidence": (\d+)\}', r)
         if m is None:
             r = 'yes {"confidence": 4}'
@@ -287,6 +293,7 @@ def test_all_values_objective_scores_every_value_and_raises_the_expected_reward(
     # The reward of each value, hand-computed: -(1 - v/10)^2 for every response.
     expected = torch.tensor([-(1 - v / 10) ** 2 for v in range(11)]).expand(4, 11)
     torch.testing.assert_close(batch.value_rewards, expected)
+    torch.testing.assert_close(batch.failure_rewards, torch.full((4,), -6.0))
     assert batch.mask.sum() == 0  # the statement is optimised by the all-values term, not the sampled loss
     assert batch.kl_mask.sum() > 0
     for b, (n, ids) in enumerate(batch.value_candidates):
@@ -296,6 +303,7 @@ def test_all_values_objective_scores_every_value_and_raises_the_expected_reward(
     metrics = trainer.step()
     assert metrics["env/all_values_fraction"] == 1.0
     assert np.isfinite(metrics["ppo/values/expected_reward"]) and metrics["ppo/values/entropy"] > 0
+    assert 0 < metrics["ppo/values/mass"] <= 1
     with torch.no_grad():
         after = trainer._all_values_term(trainer.model, batch, torch.arange(4))[1]
     assert after > before  # one update moved mass towards the higher-reward values

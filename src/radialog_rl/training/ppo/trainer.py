@@ -122,8 +122,9 @@ class Rollout:
     With ``confidence_objective: all_values``, ``value_candidates[b]`` is ``(prefix_length, ids)``
     (:func:`~radialog_rl.value_greedy.value_candidate_ids`: the response up to its statement with
     each value 0..scale) for a valid sample with one integer statement, else None, and
-    ``value_rewards`` ``[B, scale + 1]`` the processed score of each such response (NaN elsewhere);
-    those samples' ``mask`` is zero (their statement is optimised by
+    ``value_rewards`` ``[B, scale + 1]`` the processed score of each such response (NaN elsewhere)
+    and ``failure_rewards`` ``[B]`` that of the response with its value removed (an unparsable
+    statement); those samples' ``mask`` is zero (their statement is optimised by
     :func:`~radialog_rl.training.ppo.losses.all_values_loss` instead).
     """
 
@@ -144,6 +145,7 @@ class Rollout:
     span_fallbacks: int = 0  # valid samples without a span (see PPOConfig.span_fallback)
     value_candidates: list | None = None
     value_rewards: torch.Tensor | None = None
+    failure_rewards: torch.Tensor | None = None
 
     @property
     def query_length(self) -> int:
@@ -498,9 +500,9 @@ class PPOTrainer:
         eos_seen = L.has_eos(response, self.tokenizer.eos_token_id)
         scores = self._process_scores(raw_scores.to(device), valid.to(device), eos_seen)
         loss_mask, kl_mask, fallbacks = self._masks(response, response_mask, output.spans, rewritten, valid)
-        value_candidates = value_rewards = None
+        value_candidates = value_rewards = failure_rewards = None
         if cfg.confidence_objective == "all_values":
-            value_candidates, value_rewards = self._score_values(rows, texts, valid)
+            value_candidates, value_rewards, failure_rewards = self._score_values(rows, texts, valid)
             for b, candidates in enumerate(value_candidates):
                 if candidates is not None:
                     loss_mask[b] = 0  # optimised by the all-values term instead
@@ -511,7 +513,7 @@ class PPOTrainer:
             response_ids=response, mask=loss_mask, kl_mask=kl_mask, image_features=features,
             scores=scores, raw_scores=raw_scores, valid=valid, texts=texts, has_eos=eos_seen,
             reward_output=output, rewritten=torch.tensor(rewritten), span_fallbacks=fallbacks,
-            value_candidates=value_candidates, value_rewards=value_rewards,
+            value_candidates=value_candidates, value_rewards=value_rewards, failure_rewards=failure_rewards,
         )
 
     @property
@@ -520,9 +522,11 @@ class PPOTrainer:
         return int(getattr(self.reward_fn, "scale", self.config.confidence_scale))
 
     def _score_values(self, rows: list[PromptRow], texts: list[str], valid: torch.Tensor):
-        """``(value_candidates, value_rewards)`` of :class:`Rollout` (``confidence_objective:
-        all_values``): the reward is called once per value on every response with its statement's
-        value replaced. The scores are processed as the sampled ones are (running-std scaling with
+        """``(value_candidates, value_rewards, failure_rewards)`` of :class:`Rollout`
+        (``confidence_objective: all_values``): the reward is called once per value on every
+        response with its statement's value replaced, and once with the value and the statement's
+        closing removed (the failure score; a reward that skips it gives the row's lowest value
+        score instead). The scores are processed as the sampled ones are (running-std scaling with
         the moments as they are now, then the clip); the no-EOS penalty is one constant per
         response and cannot change which value is better, so it is left out."""
         cfg, scale = self.config, self.confidence_scale
@@ -534,19 +538,24 @@ class PPOTrainer:
             texts_v = [t if split is None else split[0] + split[1][v] + split[2] for t, split in zip(texts, splits)]
             raw, ok = check_scores(self._call_reward(rows, texts_v).scores, rows)
             rewards[:, v] = torch.where(ok, raw.float(), torch.nan)
+        broken = [t if split is None else split[0] + split[2] for t, split in zip(texts, splits)]
+        raw, ok = check_scores(self._call_reward(rows, broken).scores, rows)
+        failure = torch.where(ok, raw.float(), torch.nan)
         for b in range(len(rows)):
             if candidates[b] is not None and bool(torch.isnan(rewards[b]).any()):
                 candidates[b] = None  # some value was not scored: the sampled loss handles this one
+            elif torch.isnan(failure[b]) and not torch.isnan(rewards[b]).all():
+                failure[b] = rewards[b].min()
         device = self.accelerator.device
-        rewards = rewards.to(device)
+        rewards, failure = rewards.to(device), failure.to(device)
         if cfg.score_normalization:
-            rewards = normalize_scores(rewards, self.score_moments)
+            rewards, failure = normalize_scores(rewards, self.score_moments), normalize_scores(failure, self.score_moments)
         if cfg.score_clip is not None:
-            rewards = clip_scores(rewards, cfg.score_clip)
-        return candidates, rewards
+            rewards, failure = clip_scores(rewards, cfg.score_clip), clip_scores(failure, cfg.score_clip)
+        return candidates, rewards, failure
 
     def _all_values_term(self, model, batch: Rollout, idx: torch.Tensor):
-        """``(loss, expected_reward, entropy)`` of :func:`L.all_values_loss` over the rows of ``idx``
+        """``(loss, expected_reward, entropy, value_mass)`` of :func:`L.all_values_loss` over the rows of ``idx``
         that have value candidates (one teacher-forced forward of ``scale + 1`` rows each), or None."""
         if batch.value_candidates is None:
             return None
@@ -562,8 +571,9 @@ class PPOTrainer:
         tq = batch.query_length
         logprobs = candidate_logprobs(model, batch.input_ids[:, :tq], batch.attention_mask[:, :tq],
                                       batch.image_features, rows, ids, lengths, self.pad_token_id)
-        rewards = batch.value_rewards[torch.tensor(chosen, device=batch.value_rewards.device)]
-        return L.all_values_loss(logprobs.view(len(chosen), -1), rewards)
+        index = torch.tensor(chosen, device=batch.value_rewards.device)
+        return L.all_values_loss(logprobs.view(len(chosen), -1), batch.value_rewards[index],
+                                 batch.failure_rewards[index])
 
     def _masks(self, response, response_mask, spans, rewritten, valid):
         """``(loss_mask, kl_mask, n_fallbacks)``, each mask ``[B, Tr]`` (see :class:`Rollout`).
@@ -777,7 +787,7 @@ class PPOTrainer:
         stats: dict[str, list[float]] = {k: [] for k in ("policy_loss", "value_loss", "kl_loss", "clipfrac",
                                                           "vf_clipfrac", "approx_kl", "ratio",
                                                           "first_ratio_max_dev", "values_expected_reward",
-                                                          "values_entropy")}
+                                                          "values_entropy", "values_mass")}
         groups = cfg.gradient_accumulation_steps
         kl_mask = batch.kl_mask.to(mask.dtype)
         use_value = cfg.advantage_estimator == "gae"
@@ -817,6 +827,7 @@ class PPOTrainer:
                             loss = loss + all_values[0]
                             stats["values_expected_reward"].append(float(all_values[1]))
                             stats["values_entropy"].append(float(all_values[2]))
+                            stats["values_mass"].append(float(all_values[3]))
                         # The mean over the group's micro-batches (a last group may be shorter than
                         # gradient_accumulation_steps); DeepSpeed must not divide again.
                         loss = loss / len(group)
@@ -882,6 +893,7 @@ class PPOTrainer:
             "ppo/policy/first_ratio_max_dev": mean(train_stats["first_ratio_max_dev"]),
             "ppo/values/expected_reward": mean(train_stats["values_expected_reward"]),
             "ppo/values/entropy": mean(train_stats["values_entropy"]),
+            "ppo/values/mass": mean(train_stats["values_mass"]),
             "env/all_values_fraction": (sum(c is not None for c in batch.value_candidates) / len(batch.rows)
                                         if batch.value_candidates is not None else 0.0),
             "ppo/val/error": float(L.masked_mean((values - returns) ** 2, mask)) if mask.any() else float("nan"),
