@@ -316,3 +316,18 @@ def test_all_values_objective_refuses_exploration(tiny_release, qa_data, tmp_pat
     reward = get_reward("quadratic_blend", explore_prob=0.5)
     with pytest.raises(ConfigError, match="explore_prob"):
         PPOTrainer(_config(tiny_release, qa_data, tmp_path, confidence_objective="all_values"), reward_fn=reward)
+
+
+def test_greedy_rollouts_only_with_the_all_values_objective(tiny_release, qa_data, tmp_path):
+    with pytest.raises(ConfigError, match="all_values"):
+        _config(tiny_release, qa_data, tmp_path, rollout_decoding="greedy")
+    with pytest.raises(ConfigError, match="samples_per_prompt 1"):
+        _config(tiny_release, qa_data, tmp_path, rollout_decoding="greedy", confidence_objective="all_values",
+                samples_per_prompt=2, advantage_estimator="rloo")
+    config = _config(tiny_release, qa_data, tmp_path, rollout_decoding="greedy", confidence_objective="all_values",
+                     batch_size=2, mini_batch_size=2, gradient_accumulation_steps=1)
+    trainer = PPOTrainer(config, reward_fn=_value_reward)
+    batch = trainer.rollout()
+    first = trainer._sample(batch.rows, do_sample=False)[5]  # the same rows, decoded greedily
+    greedy = [t if '{"confidence": ' in t else 'yes {"confidence": 4}' for t in first]
+    assert batch.texts == greedy

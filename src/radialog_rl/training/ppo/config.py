@@ -127,6 +127,15 @@ class PPOConfig(RunSection, LoraSection, ModelSection):  # fields: model, LoRA, 
     losses.all_values_loss); no sampling noise in the value, one extra teacher-forced forward of
     scale + 1 short rows per sample. Samples without a statement keep the sampled loss
     (span_fallback). Needs a reward whose score is a function of the text (exploration off)."""
+    rollout_decoding: Literal["sample", "greedy"] = "sample"
+    """How rollouts are decoded. "sample": ancestral sampling (PPO). "greedy": the answer the model
+    would give at deployment, so that confidence_objective all_values learns how likely THAT
+    answer is right (only with all_values, which enumerates the values instead of sampling them,
+    and samples_per_prompt 1). Sampled answers are wrong more often than greedy ones (a sampled
+    "Yes" on a clear negative), and a confidence learnt on them does not transfer to greedy
+    answers: measured on the synthetic task, "Yes" answers got the lower confidence although every
+    greedy "Yes" was right (held-out AUROC 0.42). With greedy rollouts the KL term anchors the
+    decoded tokens (an anchor, not an estimate of the KL)."""
     kl_penalty: Literal["reward", "loss"] = "reward"
     """"reward": -beta*KL in the per-token rewards (legacy TRL); "loss": beta*KL as a loss term over the
     whole sampled response (answer and EOS stay anchored when the policy loss covers only a span)."""
@@ -263,6 +272,10 @@ class PPOConfig(RunSection, LoraSection, ModelSection):  # fields: model, LoRA, 
                               "(one more full copy of the trunk)")
         if self.advantage_estimator == "rloo" and self.samples_per_prompt < 2:
             raise ConfigError("advantage_estimator 'rloo' needs samples_per_prompt >= 2")
+        if self.rollout_decoding == "greedy" and (self.confidence_objective != "all_values"
+                                                  or self.samples_per_prompt != 1):
+            raise ConfigError("rollout_decoding 'greedy' needs confidence_objective 'all_values' and "
+                              "samples_per_prompt 1 (a sampled objective cannot learn from tokens it never samples)")
         if self.confidence_objective == "all_values" and float(self.reward_params.get("explore_prob", 0) or 0) > 0:
             raise ConfigError("confidence_objective 'all_values' scores every value itself: set "
                               "reward_params.explore_prob to 0 (exploration would rewrite the texts it scores)")

@@ -489,7 +489,7 @@ class PPOTrainer:
         prompts = [self.rows[i] for i in self.sampler.take(cfg.batch_size // k)]
         # The sampler only picks tokens: every log-prob PPO uses comes from score_passes on the policy.
         rows, query, features, response, response_mask, texts = self._sample(
-            prompts, repeats=k, merged=self.rollout_copy is not None)
+            prompts, repeats=k, merged=self.rollout_copy is not None, do_sample=cfg.rollout_decoding == "sample")
         output = self._call_reward(rows, texts)
         rewritten = [False] * len(rows)
         if output.texts is not None and list(output.texts) != texts:
