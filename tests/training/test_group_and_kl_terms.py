@@ -92,3 +92,15 @@ def test_all_values_loss_averages_rows_and_a_failure_at_the_worst_value_costs_no
         L.all_values_loss(torch.zeros(2, 3), torch.zeros(2, 4), torch.zeros(2))
     with pytest.raises(ValueError, match="failure_rewards"):
         L.all_values_loss(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(3))
+
+
+def test_all_values_entropy_bonus_hand_computed():
+    logp = torch.log(torch.tensor([[0.5, 0.5]])).requires_grad_(True)
+    rewards = torch.tensor([[1.0, 0.0]])
+    loss, expected, entropy, _ = L.all_values_loss(logp, rewards, torch.tensor([0.0]), entropy_coef=0.1)
+    # J = 0.5; H = log 2 (the maximum: its gradient is 0 here); loss = -(0.5 + 0.1 log 2)
+    assert expected.item() == pytest.approx(0.5) and entropy.item() == pytest.approx(math.log(2))
+    assert loss.item() == pytest.approx(-(0.5 + 0.1 * math.log(2)))
+    loss.backward()
+    # dJ/dlogp = p (r - r_fail) = (0.5, 0); dH/dlogp at uniform = 0
+    torch.testing.assert_close(logp.grad, torch.tensor([[-0.5, 0.0]]))

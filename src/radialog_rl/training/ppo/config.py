@@ -127,6 +127,10 @@ class PPOConfig(RunSection, LoraSection, ModelSection):  # fields: model, LoRA, 
     losses.all_values_loss); no sampling noise in the value, one extra teacher-forced forward of
     scale + 1 short rows per sample. Samples without a statement keep the sampled loss
     (span_fallback). Needs a reward whose score is a function of the text (exploration off)."""
+    values_entropy_coef: NonNegative = 0.0
+    """confidence_objective all_values: weight of an entropy bonus on the distribution over the
+    values (reward units per nat). Without one the exact gradient settles every image on the
+    batch's best single value, where no gradient is left (losses.all_values_loss)."""
     rollout_decoding: Literal["sample", "greedy"] = "sample"
     """How rollouts are decoded. "sample": ancestral sampling (PPO). "greedy": the answer the model
     would give at deployment, so that confidence_objective all_values learns how likely THAT

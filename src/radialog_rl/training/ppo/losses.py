@@ -569,7 +569,8 @@ def kl_loss(
 
 
 def all_values_loss(
-    value_logprobs: torch.Tensor, value_rewards: torch.Tensor, failure_rewards: torch.Tensor
+    value_logprobs: torch.Tensor, value_rewards: torch.Tensor, failure_rewards: torch.Tensor,
+    entropy_coef: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The exact expected reward of a stated confidence over every value it could take, as a loss
     (the "all-action" policy gradient for a small discrete action: Allen et al. 2017, "Mean Actor
@@ -595,16 +596,25 @@ def all_values_loss(
     can be made unlikely by breaking its closing (``"8"`` then anything but ``}``) at no cost, and
     the format leaks away (measured on the synthetic task: 94 % parse failures by step 20).
 
+    ``entropy_coef`` ``alpha`` adds ``alpha * H(q)``, ``q`` = ``p`` renormalised over the values
+    (entropy regularisation, Williams & Peng 1991; Mnih et al. 2016, A3C). Without it the exact
+    gradient first moves every image to the batch's best single value, and a point mass has no
+    gradient left (``p(v) (r(v) - r_fail)`` is 0 for every other value): measured, every image
+    stated 9 by step 50 and stayed. With it the per-image optimum is ``q(v) ∝ exp(E[r(v)] /
+    alpha)``, soft, whose most likely value is still the expected-reward maximiser (what
+    value-level greedy decoding states).
+
     Args:
         value_logprobs: ``[B, V]`` log p of each value's tokens after the same prefix, with grad
             (``V = scale + 1``).
         value_rewards: ``[B, V]`` the (processed) reward the response would get with each value;
             constants.
         failure_rewards: ``[B]`` the reward of the response with an unparsable statement.
+        entropy_coef: ``alpha >= 0``, the weight of the entropy bonus (reward units per nat).
 
     Returns:
-        ``(loss, expected_reward, entropy, value_mass)``: ``loss = -mean_b J_b`` (0-dim, with
-        grad); the detached mean ``J``, the mean entropy (nats) of ``p`` renormalised over the
+        ``(loss, expected_reward, entropy, value_mass)``: ``loss = -mean_b (J_b + alpha H(q_b))``
+        (0-dim, with grad); the detached mean ``J``, the mean entropy (nats) of ``p`` renormalised over the
         values, and the mean ``sum_v p(v)``.
     """
     if value_logprobs.shape != value_rewards.shape or value_logprobs.dim() != 2:
@@ -619,5 +629,5 @@ def all_values_loss(
     expected = (p * value_rewards.detach().float()).sum(-1) + (1.0 - mass) * fail  # [B]
     log_q = torch.log_softmax(logp, dim=-1)
     entropy = -(log_q.exp() * log_q).sum(-1)
-    loss = -expected.mean()
-    return loss, -loss.detach(), entropy.mean().detach(), mass.mean().detach()
+    loss = -(expected + entropy_coef * entropy).mean()
+    return loss, expected.mean().detach(), entropy.mean().detach(), mass.mean().detach()

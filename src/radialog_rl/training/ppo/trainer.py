@@ -573,7 +573,7 @@ class PPOTrainer:
                                       batch.image_features, rows, ids, lengths, self.pad_token_id)
         index = torch.tensor(chosen, device=batch.value_rewards.device)
         return L.all_values_loss(logprobs.view(len(chosen), -1), batch.value_rewards[index],
-                                 batch.failure_rewards[index])
+                                 batch.failure_rewards[index], self.config.values_entropy_coef)
 
     def _masks(self, response, response_mask, spans, rewritten, valid):
         """``(loss_mask, kl_mask, n_fallbacks)``, each mask ``[B, Tr]`` (see :class:`Rollout`).
