@@ -50,7 +50,7 @@ class Preset:
 
 
 PRESETS = {
-    "full": Preset(n_train=800, n_eval=400, sft_epochs=12, ppo_steps=300, eval_every=50),
+    "full": Preset(n_train=800, n_eval=400, sft_epochs=12, ppo_steps=150, eval_every=50),
     "ci": Preset(n_train=192, n_eval=96, sft_epochs=16, ppo_steps=30, eval_every=15, findings=("opacity",)),
 }
 
