@@ -59,9 +59,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("experiment", nargs="?", choices=("calibration",),
                    help="'calibration': the calibration experiment on the synthetic visual task "
                         "(build data -> SFT -> merge -> PPO with held-out eval -> table and "
-                        "reliability diagrams; about 5-8 minutes on 2 CPU cores with --preset full)")
+                        "reliability diagrams; about 15-17 minutes on 2 CPU cores with --preset full)")
     p.add_argument("--preset", choices=("full", "ci"), default="full",
-                   help="calibration: sizes of the run (full: 800/400 rows, 12 SFT epochs, 300 PPO steps; ci: a "
+                   help="calibration: sizes of the run (full: 800/400 rows, 12 SFT epochs, 150 PPO steps; ci: a "
                         "short run for tests)")
     p.add_argument("--work", type=Path, metavar="DIR",
                    help="calibration: working folder for data, runs, plots and summary.json "
