@@ -214,3 +214,18 @@ def test_sequences_longer_than_tokenizer_model_max_length_are_refused(tiny_model
         tiny_model_fp32(input_ids=ids, attention_mask=mask, images=torch.rand(1, 3, 128, 128))
     monkeypatch.setattr(tiny_model_fp32.config, "tokenizer_model_max_length", length)
     tiny_model_fp32(input_ids=ids, attention_mask=mask, images=torch.rand(1, 3, 128, 128))
+
+
+def test_expanding_image_tokens_keeps_interior_padding():
+    """A left-padded prompt followed by a left-padded continuation (the value-level confidence
+    scorer's layout): the padding between them stays masked after expansion (it used to become
+    attended tokens, which changed the scored values on the generate() path)."""
+    from radialog_rl.constants import IMAGE_TOKEN_INDEX
+    from radialog_rl.modeling.llava import expand_image_tokens
+
+    ids = torch.tensor([[0, 5, IMAGE_TOKEN_INDEX, 6, 0, 7, 8], [4, 5, IMAGE_TOKEN_INDEX, 6, 9, 7, 8]])
+    mask = torch.tensor([[0, 1, 1, 1, 0, 1, 1], [1, 1, 1, 1, 1, 1, 1]])
+    out = expand_image_tokens(ids, 3, mask, pad_token_id=0)
+    assert out.input_ids.tolist() == [[0, 5, IMAGE_TOKEN_INDEX, IMAGE_TOKEN_INDEX, IMAGE_TOKEN_INDEX, 6, 0, 7, 8],
+                                      [4, 5, IMAGE_TOKEN_INDEX, IMAGE_TOKEN_INDEX, IMAGE_TOKEN_INDEX, 6, 9, 7, 8]]
+    assert out.attention_mask.tolist() == [[0, 1, 1, 1, 1, 1, 0, 1, 1], [1] * 9]

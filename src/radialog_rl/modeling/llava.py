@@ -180,19 +180,24 @@ def expand_image_tokens(
             keep = slice(int(valid[0]), int(valid[-1]) + 1) if len(valid) else slice(0, 0)
         ids = input_ids[b, keep]
         lab = labels[b, keep] if labels is not None else None
-        pieces_ids, pieces_lab, pos = [], [], 0
+        # Interior padding (a left-padded prompt followed by a left-padded continuation, as the
+        # value-level confidence scorer builds) keeps its 0s: only the ends are re-padded.
+        msk = attention_mask[b, keep] if attention_mask is not None else torch.ones_like(ids)
+        pieces_ids, pieces_lab, pieces_mask, pos = [], [], [], 0
         for start, length in _image_runs(ids):
             reps = num_image_tokens if length == 1 else length
             pieces_ids += [ids[pos:start], ids.new_full((reps,), IMAGE_TOKEN_INDEX)]
+            pieces_mask += [msk[pos:start], msk.new_ones((reps,))]
             if lab is not None:
                 pieces_lab += [lab[pos:start], lab.new_full((reps,), IGNORE_INDEX)]
             pos = start + length
         pieces_ids.append(ids[pos:])
+        pieces_mask.append(msk[pos:])
         new_ids.append(torch.cat(pieces_ids))
         if lab is not None:
             pieces_lab.append(lab[pos:])
             new_labels.append(torch.cat(pieces_lab))
-        new_mask.append(torch.ones_like(new_ids[-1]))
+        new_mask.append(torch.cat(pieces_mask))
 
     def pad(rows: list[torch.Tensor], value: int) -> torch.Tensor:
         return pad_rows(rows, value, side=padding_side)[0]
