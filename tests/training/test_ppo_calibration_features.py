@@ -331,3 +331,25 @@ def test_greedy_rollouts_only_with_the_all_values_objective(tiny_release, qa_dat
     first = trainer._sample(batch.rows, do_sample=False)[5]  # the same rows, decoded greedily
     greedy = [t if '{"confidence": ' in t else 'yes {"confidence": 4}' for t in first]
     assert batch.texts == greedy
+
+
+def test_all_values_scores_the_sampled_value_as_the_policy_pass_does(tiny_release, qa_data, tmp_path):
+    """The value candidates' teacher-forced forward gives the sampled value (and its closing) the
+    same log-probability as the policy's ordinary pass over the sampled response."""
+    config = _config(tiny_release, qa_data, tmp_path, confidence_objective="all_values")
+    trainer = PPOTrainer(config, reward_fn=_value_reward)
+    batch = trainer.rollout()
+    from radialog_rl.value_greedy import candidate_logprobs
+
+    with torch.no_grad():
+        logprobs, _, _ = trainer._forward(trainer.unwrapped, batch, torch.arange(4))
+        for b, (prefix_length, candidates) in enumerate(batch.value_candidates):
+            ids = batch.response_ids[b].tolist()
+            v = int(batch.texts[b].split('"confidence": ')[1].split("}")[0])
+            assert ids[: len(candidates[v])] == candidates[v]  # the rewritten response starts with it
+            n = len(candidates[v]) - prefix_length
+            tq = batch.query_length
+            got = candidate_logprobs(trainer.unwrapped, batch.input_ids[:, :tq], batch.attention_mask[:, :tq],
+                                     batch.image_features, [b], [candidates[v]], [n], trainer.pad_token_id)
+            expected = logprobs[b, prefix_length : prefix_length + n].sum()
+            torch.testing.assert_close(got[0], expected, atol=1e-4, rtol=1e-4)
