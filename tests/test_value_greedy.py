@@ -115,30 +115,30 @@ def test_generate_value_decoding_is_greedy_only_and_keeps_texts_without_a_statem
     assert [r.text for r in by_value] == [r.text for r in plain]  # random weights: no statement to re-choose
 
 
-def test_candidate_ids_and_logprobs_match_the_greedy_scorer(tiny_tokenizer):
+def test_candidate_ids_and_logprobs_hand_computed(tiny_tokenizer):
     """value_candidate_ids + candidate_logprobs (the differentiable path PPO's all_values objective
-    trains through) give the same numbers as the greedy scorer."""
+    trains through) against hand-computed numbers: the teacher puts logit 4 on the next token of
+    'yes {"confidence": 10}' and 0 elsewhere, so a hit costs log(e^4 + V - 1) - 4 and a miss
+    log(e^4 + V - 1)."""
+    import math
+
     from radialog_rl.value_greedy import candidate_logprobs, value_candidate_ids
 
-    texts = ['yes {"confidence": 3}', "no statement here", 'no {"confidence": 10} ok']
+    texts = ['yes {"confidence": 3}', "no statement here"]
     target = tiny_tokenizer('yes {"confidence": 10}', add_special_tokens=False).input_ids
-    query = torch.ones(3, 5, dtype=torch.long)
+    query = torch.ones(2, 5, dtype=torch.long)
     model = _Teacher(tiny_tokenizer, target, query_width=5)
     splits = value_candidate_ids(tiny_tokenizer, texts, scale=10)
     assert splits[1] is None
     prefix_length, ids = splits[0]
     prefix = tiny_tokenizer('yes {"confidence": ', add_special_tokens=False).input_ids
-    assert prefix_length == len(prefix) and len(ids) == 11
-    assert all(c[:prefix_length] == prefix for c in ids)
+    assert prefix_length == len(prefix) and len(ids) == 11 and all(c[:prefix_length] == prefix for c in ids)
     assert tiny_tokenizer.decode(ids[10]) == 'yes {"confidence": 10}'
-    expected = confidence_value_logprobs(model, tiny_tokenizer, query, torch.ones_like(query),
-                                         torch.zeros(3, 1, 1), texts, scale=10)
-    rows, cands, lengths = [], [], []
-    for b in (0, 2):
-        n, c = splits[b]
-        rows += [b] * 11
-        cands += c
-        lengths += [len(x) - n for x in c]
-    got = candidate_logprobs(model, query, torch.ones_like(query), torch.zeros(3, 1, 1), rows, cands, lengths,
-                             pad_token_id=0).view(2, 11)
-    torch.testing.assert_close(got, torch.tensor([expected[0], expected[2]]))
+    got = candidate_logprobs(model, query, torch.ones_like(query), torch.zeros(2, 1, 1), [0] * 11, ids,
+                             [len(c) - prefix_length for c in ids], pad_token_id=0)
+    lse = math.log(math.exp(4) + model.vocab - 1)
+    hit, miss = 4 - lse, -lse
+    expected = [2 * miss] * 11  # "v" misses the target's "1", and "}" misses its "0"
+    expected[1] = hit + miss  # "1" hits, "}" misses "0"
+    expected[10] = 3 * hit  # "1" "0" "}"
+    torch.testing.assert_close(got, torch.tensor(expected))

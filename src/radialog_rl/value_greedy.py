@@ -56,22 +56,20 @@ def _continuation_ids(tokenizer, prefix_ids: list[int], prefix: str, continuatio
     return tokenizer(continuation, add_special_tokens=False).input_ids
 
 
+def split_candidate_ids(tokenizer, split: tuple[str, list[str], str]) -> tuple[int, list[list[int]]]:
+    """``(prefix_length, ids)`` for one :func:`confidence_candidates` split: ``ids[v]`` the token
+    ids of ``prefix + candidates[v]`` (the response up to and including the statement with value
+    ``v``), whose first ``prefix_length`` tokens are the prefix."""
+    prefix, candidates, _ = split
+    prefix_ids = tokenizer(prefix, add_special_tokens=False).input_ids
+    return len(prefix_ids), [prefix_ids + _continuation_ids(tokenizer, prefix_ids, prefix, c) for c in candidates]
+
+
 def value_candidate_ids(tokenizer, texts: Sequence[str], scale: int = 10) -> list[tuple[int, list[list[int]]] | None]:
-    """Per text, ``(prefix_length, ids)``: ``ids[v]`` the token ids of ``prefix + str(v) + closing``
-    for ``v = 0..scale`` (the response up to and including the statement with each value in turn),
-    whose first ``prefix_length`` tokens are the prefix; None for a text without exactly one
-    integer statement (:func:`confidence_candidates`)."""
-    out: list[tuple[int, list[list[int]]] | None] = []
-    for text in texts:
-        split = confidence_candidates(text, scale)
-        if split is None:
-            out.append(None)
-            continue
-        prefix, candidates, _ = split
-        prefix_ids = tokenizer(prefix, add_special_tokens=False).input_ids
-        out.append((len(prefix_ids),
-                    [prefix_ids + _continuation_ids(tokenizer, prefix_ids, prefix, c) for c in candidates]))
-    return out
+    """Per text, :func:`split_candidate_ids` of its statement, or None for a text without exactly
+    one integer statement (:func:`confidence_candidates`)."""
+    splits = (confidence_candidates(text, scale) for text in texts)
+    return [None if split is None else split_candidate_ids(tokenizer, split) for split in splits]
 
 
 def candidate_logprobs(

@@ -310,12 +310,34 @@ def test_all_values_objective_scores_every_value_and_raises_the_expected_reward(
 
 
 def test_all_values_objective_refuses_exploration(tiny_release, qa_data, tmp_path):
+    # From the config's reward_params (built into the reward) and from a reward passed in: one check.
+    config = _config(tiny_release, qa_data, tmp_path, confidence_objective="all_values", reward="quadratic_blend",
+                     reward_params={"explore_prob": 0.3})
     with pytest.raises(ConfigError, match="explore_prob"):
-        _config(tiny_release, qa_data, tmp_path, confidence_objective="all_values", reward="quadratic_blend",
-                reward_params={"explore_prob": 0.3})
+        PPOTrainer(config)
     reward = get_reward("quadratic_blend", explore_prob=0.5)
     with pytest.raises(ConfigError, match="explore_prob"):
         PPOTrainer(_config(tiny_release, qa_data, tmp_path, confidence_objective="all_values"), reward_fn=reward)
+
+
+def test_all_values_failure_score_falls_back_and_unscored_values_keep_the_sampled_loss(tiny_release, qa_data,
+                                                                                      tmp_path):
+    """A reward that skips the broken statement (None) gives the row's lowest value score as the
+    failure reward; a row with an unscored value is left to the sampled loss (its mask kept)."""
+    def reward(samples, responses):
+        out = _value_reward(samples, responses)
+        scores = [None if r.endswith('{"confidence": ') else s for r, s in zip(out.texts, out.scores)]
+        # The first sample's value 5 is not scored.
+        scores = [None if i == 0 and '"confidence": 5}' in r else s for i, (r, s) in enumerate(zip(out.texts, scores))]
+        return RewardOutput(scores=scores, spans=out.spans, texts=out.texts)
+
+    trainer = PPOTrainer(_config(tiny_release, qa_data, tmp_path, confidence_objective="all_values"), reward_fn=reward)
+    batch = trainer.rollout()
+    assert batch.value_candidates[0] is None and batch.mask[0].sum() > 0
+    for b in range(1, 4):
+        assert batch.value_candidates[b] is not None and batch.mask[b].sum() == 0
+        assert batch.failure_rewards[b].item() == pytest.approx(-1.0)  # the lowest: value 0, -(1 - 0)^2
+    assert np.isfinite(trainer.step()["ppo/values/expected_reward"])
 
 
 def test_greedy_rollouts_only_with_the_all_values_objective(tiny_release, qa_data, tmp_path):

@@ -125,7 +125,8 @@ class PPOConfig(RunSection, LoraSection, ModelSection):  # fields: model, LoRA, 
     exact expected reward over every value 0..scale (reward_params scale, default 10), each value
     scored by the reward on the response with that value (the all-action policy gradient,
     losses.all_values_loss); no sampling noise in the value, one extra teacher-forced forward of
-    scale + 1 short rows per sample. Samples without a statement keep the sampled loss
+    scale + 1 rows per sample (each the whole prompt plus the statement) and scale + 2 reward calls
+    per batch. Samples without a statement keep the sampled loss
     (span_fallback). Needs a reward whose score is a function of the text (exploration off)."""
     values_entropy_coef: NonNegative = 0.0
     """confidence_objective all_values: weight of an entropy bonus on the distribution over the
@@ -280,15 +281,7 @@ class PPOConfig(RunSection, LoraSection, ModelSection):  # fields: model, LoRA, 
                                                   or self.samples_per_prompt != 1):
             raise ConfigError("rollout_decoding 'greedy' needs confidence_objective 'all_values' and "
                               "samples_per_prompt 1 (a sampled objective cannot learn from tokens it never samples)")
-        if self.confidence_objective == "all_values" and float(self.reward_params.get("explore_prob", 0) or 0) > 0:
-            raise ConfigError("confidence_objective 'all_values' scores every value itself: set "
-                              "reward_params.explore_prob to 0 (exploration would rewrite the texts it scores)")
         return self
-
-    @property
-    def confidence_scale(self) -> int:
-        """The confidence scale of the reward (``reward_params.scale``, default 10)."""
-        return int(self.reward_params.get("scale", 10))
 
     @classmethod
     def resolve_paths(cls, data, base_dir):

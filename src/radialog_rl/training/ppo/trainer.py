@@ -101,7 +101,7 @@ from radialog_rl.value_greedy import (
     candidate_logprobs,
     choose_confidence_values,
     confidence_candidates,
-    value_candidate_ids,
+    split_candidate_ids,
 )
 
 logger = logging.getLogger(__name__)
@@ -286,8 +286,9 @@ class PPOTrainer:
             reward_fn = load_config_reward(config.reward, params, config.config_dir)
         self.reward_fn = reward_fn
         if config.confidence_objective == "all_values" and getattr(reward_fn, "explore_prob", 0.0) > 0:
-            raise ConfigError("confidence_objective 'all_values' scores every value itself: the reward's "
-                              "explore_prob must be 0 (exploration would rewrite the texts it scores)")
+            raise ConfigError("confidence_objective 'all_values' scores every value itself: set the reward's "
+                              "explore_prob (reward_params.explore_prob) to 0 (exploration would rewrite the "
+                              "texts it scores)")
         if rows is None:
             if not config.train_file:
                 raise ConfigError("no PPO data: set train_file in the config")
@@ -518,8 +519,9 @@ class PPOTrainer:
 
     @property
     def confidence_scale(self) -> int:
-        """The reward's confidence scale (its ``scale`` attribute, else ``reward_params.scale``)."""
-        return int(getattr(self.reward_fn, "scale", self.config.confidence_scale))
+        """The reward's confidence scale (its ``scale`` attribute, else ``reward_params.scale``, else
+        10): what evaluation, the rollout metrics and the all_values objective read."""
+        return int(getattr(self.reward_fn, "scale", self.config.reward_params.get("scale", 10)))
 
     def _score_values(self, rows: list[PromptRow], texts: list[str], valid: torch.Tensor):
         """``(value_candidates, value_rewards, failure_rewards)`` of :class:`Rollout`
@@ -531,8 +533,7 @@ class PPOTrainer:
         response and cannot change which value is better, so it is left out."""
         cfg, scale = self.config, self.confidence_scale
         splits = [confidence_candidates(t, scale) if bool(ok) else None for t, ok in zip(texts, valid)]
-        candidates = [c if split is not None else None
-                      for c, split in zip(value_candidate_ids(self.tokenizer, texts, scale), splits)]
+        candidates = [None if split is None else split_candidate_ids(self.tokenizer, split) for split in splits]
         rewards = torch.full((len(rows), scale + 1), float("nan"))
         for v in range(scale + 1):
             texts_v = [t if split is None else split[0] + split[1][v] + split[2] for t, split in zip(texts, splits)]
@@ -542,9 +543,11 @@ class PPOTrainer:
         raw, ok = check_scores(self._call_reward(rows, broken).scores, rows)
         failure = torch.where(ok, raw.float(), torch.nan)
         for b in range(len(rows)):
-            if candidates[b] is not None and bool(torch.isnan(rewards[b]).any()):
+            if candidates[b] is None:
+                continue
+            if bool(torch.isnan(rewards[b]).any()):
                 candidates[b] = None  # some value was not scored: the sampled loss handles this one
-            elif torch.isnan(failure[b]) and not torch.isnan(rewards[b]).all():
+            elif torch.isnan(failure[b]):
                 failure[b] = rewards[b].min()
         device = self.accelerator.device
         rewards, failure = rewards.to(device), failure.to(device)
@@ -911,7 +914,7 @@ class PPOTrainer:
         if confidences is None or accuracies is None:
             return {}
 
-        scale = getattr(self.reward_fn, "scale", 10)
+        scale = self.confidence_scale
         report = compute_calibration(confidences, accuracies, scale=scale).to_dict()
         keys = ("ece", "sigma_cbnd", "d_nckl", "brier", "parse_failure_rate")
         return {f"calibration/{k}": report[k] for k in keys if report.get(k) is not None}
@@ -930,7 +933,7 @@ class PPOTrainer:
         texts: list[str] = []
 
         with unsharded(self.accelerator, self.model):  # FSDP2: generation calls submodules directly
-            scale = getattr(self.reward_fn, "scale", 10)
+            scale = self.confidence_scale
             for start in range(0, len(rows), cfg.eval_batch_size):
                 chunk = rows[start : start + cfg.eval_batch_size]
                 _, query, features, _, _, chunk_texts = self._sample(
