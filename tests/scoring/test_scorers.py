@@ -159,3 +159,27 @@ def test_ppo_config_accepts_scorer_keys(tmp_path):
     assert config.scorer["cache"] == str(tmp_path / "cache" / "green.sqlite")
     with pytest.raises(ConfigError, match="accuracy_scorer must be one of"):
         PPOConfig(accuracy_scorer="gren")
+
+
+def test_cache_set_up_retries_a_lock_deadlock_and_still_rejects_a_corrupt_file(tmp_path, monkeypatch):
+    # Two processes creating one file can deadlock on the switch to WAL; sqlite then answers
+    # "database is locked" at once (no busy wait), as a CI run once hit. Simulate it.
+    import sqlite3
+
+    calls = {"n": 0}
+    real_set_up = ScoreCache._set_up
+
+    def flaky_set_up(self):
+        calls["n"] += 1
+        if calls["n"] <= 2:
+            raise sqlite3.OperationalError("database is locked")
+        real_set_up(self)
+
+    monkeypatch.setattr(ScoreCache, "_set_up", flaky_set_up)
+    cache = ScoreCache(tmp_path / "s.sqlite")
+    assert calls["n"] == 3 and len(cache) == 0
+    monkeypatch.undo()
+    bad = tmp_path / "bad.sqlite"
+    bad.write_bytes(b"not a database" * 100)
+    with pytest.raises(ConfigError, match="not a usable sqlite file"):
+        ScoreCache(bad)

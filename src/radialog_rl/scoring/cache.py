@@ -5,6 +5,10 @@ Concurrent-safe across threads and processes (several PPO ranks may share one fi
 opens its own connection, sqlite's file locking serialises the writers (WAL journal, a generous
 busy timeout), and a write is one ``INSERT OR REPLACE`` transaction. Only successful scores are
 stored; a failure is retried on the next call.
+
+Creating the file is the one racy moment: two connections that switch a new file to WAL at once
+can deadlock on the lock upgrade, and sqlite then answers "database is locked" at once instead of
+waiting (its busy handler is skipped for deadlocks), so the set-up is retried until the timeout.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import os
 import sqlite3
+import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -21,6 +26,7 @@ __all__ = ["ScoreCache"]
 
 _SCHEMA = "CREATE TABLE IF NOT EXISTS scores (key TEXT PRIMARY KEY, score REAL NOT NULL)"
 _BATCH = 500  # sqlite's bound-parameter limit is 999 on old builds
+_TIMEOUT_S = 60.0
 
 
 class ScoreCache:
@@ -31,12 +37,30 @@ class ScoreCache:
         if self.path.is_dir():
             raise ConfigError(f"score cache {self.path} is a folder; give a file path such as scores.sqlite")
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        deadline = time.monotonic() + _TIMEOUT_S
+        delay = 0.01
+        while True:
+            try:
+                self._set_up()
+                return
+            except sqlite3.OperationalError as exc:
+                if _is_lock_error(exc) and time.monotonic() < deadline:
+                    time.sleep(delay)  # another process is creating the same file: try again
+                    delay = min(delay * 2, 0.5)
+                    continue
+                raise ConfigError(f"score cache {self.path} is not a usable sqlite file: {exc}") from None
+            except sqlite3.DatabaseError as exc:
+                raise ConfigError(f"score cache {self.path} is not a usable sqlite file: {exc}") from None
+
+    def _set_up(self) -> None:
+        db = self._connect()
         try:
-            with self._connect() as db:
-                db.execute("PRAGMA journal_mode=WAL")
-                db.execute(_SCHEMA)
-        except sqlite3.DatabaseError as exc:
-            raise ConfigError(f"score cache {self.path} is not a usable sqlite file: {exc}") from None
+            if db.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                db.execute("PRAGMA journal_mode=WAL")  # persistent: done once per file
+            db.execute(_SCHEMA)
+            db.commit()
+        finally:
+            db.close()
 
     @staticmethod
     def key(namespace: str, reference: str, candidate: str) -> str:
@@ -49,7 +73,7 @@ class ScoreCache:
         return digest.hexdigest()
 
     def _connect(self) -> sqlite3.Connection:
-        return sqlite3.connect(self.path, timeout=60.0)
+        return sqlite3.connect(self.path, timeout=_TIMEOUT_S)
 
     def get_many(self, keys: Iterable[str]) -> dict[str, float]:
         """The cached scores among ``keys``."""
@@ -81,3 +105,8 @@ class ScoreCache:
             return int(db.execute("SELECT COUNT(*) FROM scores").fetchone()[0])
         finally:
             db.close()
+
+
+def _is_lock_error(exc: sqlite3.OperationalError) -> bool:
+    message = str(exc).lower()
+    return "locked" in message or "busy" in message
