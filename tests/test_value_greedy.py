@@ -24,19 +24,33 @@ def test_candidates_split_the_one_statement():
 class _Teacher:
     """A fake policy that puts logit 4 on the next token of one target text and 0 elsewhere, so
     the target's tokens are the most likely continuation at every position. It reads the response
-    block after the ``query_width`` prompt columns and skips its padding (attention mask 0)."""
+    block after the ``query_width`` prompt columns and skips its padding (attention mask 0).
+
+    Given a KV cache it keeps the attention mask of what it has seen in it (as the keys of one
+    layer), so a continuation pass sees exactly the rows the cache was indexed to, and checks that
+    its attention mask starts with them."""
 
     def __init__(self, tokenizer, target_ids: list[int], query_width: int):
         self.target, self.query_width = target_ids, query_width
         self.vocab = len(tokenizer)
 
-    def __call__(self, input_ids, attention_mask, image_features, logits_to_keep):
-        n, total = input_ids.shape
-        logits = torch.zeros(n, logits_to_keep, self.vocab)
+    def __call__(self, input_ids, attention_mask, image_features=None, logits_to_keep=0, past_key_values=None,
+                 position_ids=None, use_cache=None):
+        n, new = input_ids.shape
+        total = attention_mask.shape[1]  # the cached columns plus the new ones
+        if past_key_values is not None:
+            past = past_key_values.get_seq_length()
+            if past:
+                seen = past_key_values.layers[0].keys[:, 0, :, 0]
+                assert torch.equal(seen, attention_mask[:, :past].float()), "the cache holds other rows"
+            fresh = attention_mask[:, past:].float()[:, None, :, None]
+            past_key_values.update(fresh, fresh, 0)
+        keep = logits_to_keep or new
+        logits = torch.zeros(n, keep, self.vocab)
         real = attention_mask[:, self.query_width:].cumsum(1)  # response tokens seen up to each column
         for b in range(n):
-            for t in range(logits_to_keep):
-                column = total - logits_to_keep + t - self.query_width  # column of this logit
+            for t in range(keep):
+                column = total - keep + t - self.query_width  # column of this logit
                 k = int(real[b, column]) if column >= 0 else 0  # index of the token it predicts
                 if k < len(self.target):
                     logits[b, t, self.target[k]] = 4.0
@@ -142,3 +156,54 @@ def test_candidate_ids_and_logprobs_hand_computed(tiny_tokenizer):
     expected[1] = hit + miss  # "1" hits, "}" misses "0"
     expected[10] = 3 * hit  # "1" "0" "}"
     torch.testing.assert_close(got, torch.tensor(expected))
+
+
+def test_the_shared_prefix_pass_equals_whole_candidates_values_and_gradients(tiny_model_fp32, tiny_tokenizer):
+    """candidate_logprobs runs each statement's prefix once and reuses its KV cache for the values;
+    on the tiny model that gives the numbers and the gradients of scoring every candidate whole,
+    with prompts and prefixes of different lengths (interior padding) and two statements."""
+    from radialog_rl.value_greedy import _cached_candidate_logprobs, _full_candidate_logprobs, value_candidate_ids
+
+    from radialog_rl import batch_tokenize_image_prompts, build_prompt
+    from radialog_rl.generation import encode_image_features
+    from radialog_rl.modeling.llava import expand_image_tokens
+
+    import copy
+
+    model = copy.deepcopy(tiny_model_fp32).requires_grad_(True)  # gradients through the cached keys too
+    crop = model.config.image_size
+    with torch.no_grad():
+        features = encode_image_features(model, torch.rand(2, 3, crop, crop, generator=torch.Generator().manual_seed(2)))
+    prompts = [build_prompt("<image>\nIs there an opacity?"), build_prompt("<image>\nIs there a large effusion here?")]
+    ids, mask = batch_tokenize_image_prompts(prompts, tiny_tokenizer)
+    expanded = expand_image_tokens(ids, model.num_image_tokens, mask, pad_token_id=tiny_tokenizer.pad_token_id)
+    query, query_mask = expanded.input_ids, expanded.attention_mask
+    assert bool((query_mask[:, 0] == 0).any())  # one prompt is left-padded
+    texts = ['yes {"confidence": 3}', 'no, it is absent {"confidence": 7} thanks']
+    rows, ids, lengths = [], [], []
+    for b, (prefix_length, candidates) in enumerate(value_candidate_ids(tiny_tokenizer, texts, scale=10)):
+        rows += [b] * len(candidates)
+        ids += candidates
+        lengths += [len(c) - prefix_length for c in candidates]
+    results = []
+    for fn in (_cached_candidate_logprobs, _full_candidate_logprobs):
+        model.zero_grad(set_to_none=True)
+        out = fn(model, query, query_mask, features, rows, ids, lengths, tiny_tokenizer.pad_token_id)
+        (out * torch.linspace(-1, 1, len(out))).sum().backward()
+        results.append((out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (cached, cached_grads), (full, full_grads) = results
+    assert cached.shape == (22,)
+    torch.testing.assert_close(cached, full, atol=1e-5, rtol=1e-5)
+    assert cached_grads.keys() == full_grads.keys() and "model.layers.0.self_attn.k_proj.weight" in cached_grads
+    for name, grad in full_grads.items():
+        torch.testing.assert_close(cached_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+    # Gradient checkpointing drops the cache in training: the cached path says so (None) and the
+    # public function runs whole candidates instead.
+    from radialog_rl.value_greedy import candidate_logprobs
+
+    model.gradient_checkpointing_enable()
+    model.train()
+    assert _cached_candidate_logprobs(model, query, query_mask, features, rows, ids, lengths,
+                                      tiny_tokenizer.pad_token_id) is None
+    torch.testing.assert_close(candidate_logprobs(model, query, query_mask, features, rows, ids, lengths,
+                                                  tiny_tokenizer.pad_token_id).detach(), full, atol=1e-5, rtol=1e-5)

@@ -83,12 +83,31 @@ def candidate_logprobs(
     pad_token_id: int,
 ) -> torch.Tensor:
     """``[N]`` summed log-probabilities of the last ``lengths[k]`` tokens of ``candidates[k]`` given
-    the query of row ``rows[k]`` and the candidate's earlier tokens, in ONE teacher-forced forward
-    (differentiable: PPO's ``confidence_objective: all_values`` trains through it).
+    the query of row ``rows[k]`` and the candidate's earlier tokens (differentiable: PPO's
+    ``confidence_objective: all_values`` trains through it).
 
     ``query_ids`` / ``query_mask`` ``[B, Tq]`` left-padded, image-expanded prompts,
     ``image_features`` ``[B, num_image_tokens, hidden]``; ``rows`` index them.
+
+    Candidates that share a row and a prefix (``candidates[k][:-lengths[k]]``: the response before
+    the value, the same for all ``scale + 1`` values of one statement) share one forward of
+    ``query + prefix``; its KV cache is repeated per candidate and only the 1-3 value tokens run
+    again (:func:`_cached_candidate_logprobs`). Without a usable cache (gradient checkpointing drops
+    it; an empty prefix has no last token to predict from) every candidate runs whole
+    (:func:`_full_candidate_logprobs`); both give the same numbers.
     """
+    if min(len(c) - n for c, n in zip(candidates, lengths)) > 0:
+        out = _cached_candidate_logprobs(model, query_ids, query_mask, image_features, rows, candidates, lengths,
+                                         pad_token_id)
+        if out is not None:
+            return out
+    return _full_candidate_logprobs(model, query_ids, query_mask, image_features, rows, candidates, lengths,
+                                    pad_token_id)
+
+
+def _full_candidate_logprobs(model, query_ids, query_mask, image_features, rows, candidates, lengths,
+                             pad_token_id) -> torch.Tensor:
+    """:func:`candidate_logprobs` in ONE teacher-forced forward of every whole candidate."""
     device = query_ids.device
     index = torch.as_tensor(list(rows), device=device)
     # Left-padded, so every candidate ends at the last position and the LM head only has to see the
@@ -107,6 +126,50 @@ def candidate_logprobs(
     logprobs = torch.log_softmax(logits, -1).gather(-1, targets[..., None]).squeeze(-1)
     keep = torch.arange(longest, device=device)[None, :] >= (longest - torch.as_tensor(list(lengths), device=device))[:, None]
     return (logprobs * keep).sum(1)
+
+
+def _cached_candidate_logprobs(model, query_ids, query_mask, image_features, rows, candidates, lengths,
+                               pad_token_id) -> torch.Tensor | None:
+    """:func:`candidate_logprobs` with one forward per shared ``query + prefix`` (every prefix at
+    least one token long), or None when the model left its KV cache empty.
+
+    Layout: the prefixes are left-padded after the left-padded queries (interior padding, masked),
+    so every prefix ends at the last column and its last logits predict each value's first token;
+    the cache is indexed per candidate (a gather: the graph flows back to the one prefix pass) and
+    the value tokens, right-padded, run on it with positions counted from the real tokens.
+    """
+    from transformers import DynamicCache  # here, not at import: this module is light
+
+    device = query_ids.device
+    groups: dict[tuple[int, tuple[int, ...]], int] = {}
+    group_of, continuations = [], []
+    for row, ids, n in zip(rows, candidates, lengths):
+        ids = list(ids)
+        group_of.append(groups.setdefault((int(row), tuple(ids[: len(ids) - n])), len(groups)))
+        continuations.append(ids[len(ids) - n:])
+    keys = list(groups)
+    index = torch.as_tensor([row for row, _ in keys], device=device)
+    prefix, prefix_mask = pad_rows([list(p) for _, p in keys], pad_token_id, side="left")
+    prefix, prefix_mask = prefix.to(device), prefix_mask.to(device)
+    past_mask = torch.cat([query_mask[index].to(prefix_mask.dtype), prefix_mask], 1)
+    cache = DynamicCache()
+    first = model(input_ids=torch.cat([query_ids[index], prefix], 1), attention_mask=past_mask,
+                  image_features=image_features[index], logits_to_keep=1, past_key_values=cache,
+                  use_cache=True).logits[:, -1].float()
+    if cache.get_seq_length() != past_mask.shape[1]:
+        return None  # gradient checkpointing (or a model without a cache): run whole candidates
+    per_candidate = torch.as_tensor(group_of, device=device)
+    cache.batch_select_indices(per_candidate)
+    tokens, tokens_mask = pad_rows(continuations, pad_token_id, side="right")
+    tokens, tokens_mask = tokens.to(device), tokens_mask.to(device)
+    past_mask = past_mask[per_candidate]
+    positions = past_mask.sum(1, keepdim=True) + torch.arange(tokens.shape[1], device=device)[None, :]
+    rest = model(input_ids=tokens, attention_mask=torch.cat([past_mask, tokens_mask.to(past_mask.dtype)], 1),
+                 position_ids=positions, past_key_values=cache, use_cache=True).logits[:, :-1].float()
+    # first[g] predicts token 0 of each of group g's values; rest[:, j] predicts token j + 1.
+    logits = torch.cat([first[per_candidate][:, None], rest], 1)
+    logprobs = torch.log_softmax(logits, -1).gather(-1, tokens[..., None]).squeeze(-1)
+    return (logprobs * tokens_mask).sum(1)
 
 
 @torch.no_grad()
