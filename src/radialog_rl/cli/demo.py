@@ -26,8 +26,8 @@ examples:
   radialog-rl demo
   radialog-rl demo --precisions 16bit,4bit --out /tmp/tiny-release
   radialog-rl demo --device cuda
-  radialog-rl demo calibration                 # the calibration experiment (5-8 min on a CPU)
-  radialog-rl demo calibration --preset ci     # a short version"""
+  radialog-rl demo calibration                 # the calibration experiment (~6 min on 2 CPU cores)
+  radialog-rl demo calibration --preset ci     # the same task, 100 PPO steps (CI runs it)"""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -59,10 +59,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("experiment", nargs="?", choices=("calibration",),
                    help="'calibration': the calibration experiment on the synthetic visual task "
                         "(build data -> SFT -> merge -> PPO with held-out eval -> table and "
-                        "reliability diagrams; about 15-17 minutes on 2 CPU cores with --preset full)")
+                        "reliability diagrams; about 6 minutes on 2 CPU cores with --preset full)")
     p.add_argument("--preset", choices=("full", "ci"), default="full",
-                   help="calibration: sizes of the run (full: 800/400 rows, 12 SFT epochs, 150 PPO steps; ci: a "
-                        "short run for tests)")
+                   help="calibration: sizes of the run (full: 800/400 rows, 12 SFT epochs, 150 PPO steps; ci: "
+                        "the same with 100 PPO steps)")
+    p.add_argument("--threads", type=int, default=1, metavar="N",
+                   help="calibration: torch CPU threads (default 1; the table reproduces exactly only at the "
+                        "same thread count, since it changes the order of float sums)")
     p.add_argument("--work", type=Path, metavar="DIR",
                    help="calibration: working folder for data, runs, plots and summary.json "
                         "(default: runs/demo-calibration-<preset>; refused when not empty)")
@@ -95,7 +98,9 @@ def run_calibration(args: argparse.Namespace) -> int:
     if work.exists() and any(work.iterdir()):
         raise ConfigError(f"{work} is not empty; pass --work with a new folder (nothing is overwritten)")
     device = args.device or "cpu"
-    result = run_calibration_experiment(work, args.preset, seed=args.seed, device=device)
+    if args.threads < 1:
+        raise ConfigError("--threads must be >= 1")
+    result = run_calibration_experiment(work, args.preset, seed=args.seed, device=device, threads=args.threads)
     print(f"\n## Calibration on the synthetic visual task (held-out, greedy; preset {args.preset})\n")
     print(format_summary(result))
     print(f"\neverything is in {work} (summary.json, sft/, ppo/, task/)")
