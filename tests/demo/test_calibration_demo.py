@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from radialog_rl.cli import main
 from radialog_rl.demo.calibration import Preset, check_targets, format_summary, run_calibration_experiment
@@ -14,8 +15,15 @@ TINY = Preset(n_train=64, n_eval=32, sft_epochs=10, ppo_steps=4, eval_every=2, f
 
 
 def test_the_whole_experiment_runs_and_writes_its_table(tmp_path):
+    threads_before = torch.get_num_threads()
     # A few seconds of SFT: a high learning rate so that the format is learnt within 40 steps.
-    result = run_calibration_experiment(tmp_path / "work", TINY, sft_overrides={"trainer": {"learning_rate": 5e-3}})
+    torch.set_num_threads(2)
+    try:
+        result = run_calibration_experiment(tmp_path / "work", TINY, threads=1,
+                                            sft_overrides={"trainer": {"learning_rate": 5e-3}})
+        assert torch.get_num_threads() == 2  # pinned for the run only
+    finally:
+        torch.set_num_threads(threads_before)
     assert result.rows[0]["parse_failure_rate"] < 0.5
     models = [row["model"].split(" ")[0] for row in result.rows]
     assert models == ["SFT", "PPO", "oracle", "best"]
@@ -24,7 +32,7 @@ def test_the_whole_experiment_runs_and_writes_its_table(tmp_path):
     assert len(result.targets) == 7 and set(result.groups) == {"SFT", "PPO"}
     work = tmp_path / "work"
     summary = json.loads((work / "summary.json").read_text())
-    assert summary["rows"] == result.rows
+    assert summary["rows"] == result.rows and summary["threads"] == 1
     assert (work / "sft" / "merged" / "config.json").is_file()
     assert sorted(p.name for p in (work / "ppo" / "eval").glob("step-*.json")) == [
         "step-000000.json", "step-000002.json", "step-000004.json"]
@@ -70,6 +78,13 @@ def test_targets_hand_computed():
     results = check_targets(_rows(bad), {"0.05": 0.2, "0.10": 0.2, "0.20": 0.5, "0.60": 0.9})
     assert [met for _, _, met in results] == [False] * 7  # 0.71 < 0.75 and < 0.9 x 0.8 = 0.72; ...
     assert not check_targets(_rows(good), {"0.05": 0.2, "0.10": 0.3, "0.20": 0.5})[5][2]  # < 4 groups
+
+
+def test_cli_refuses_a_thread_count_below_one(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "calibration", "--threads", "0", "--work", str(tmp_path / "new")])
+    assert exit_info.value.code == 2 and "expected a positive integer, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
 
 
 def test_cli_refuses_a_used_work_folder(tmp_path, capsys):

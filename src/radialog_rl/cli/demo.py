@@ -11,6 +11,7 @@ import logging
 import time
 from pathlib import Path
 
+from radialog_rl.cli.arguments import positive_int
 from radialog_rl.demo.sections import DEMO_SECTIONS
 
 logger = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--preset", choices=("full", "ci"), default="full",
                    help="calibration: sizes of the run (full: 800/400 rows, 12 SFT epochs, 150 PPO steps; ci: "
                         "the same with 100 PPO steps)")
-    p.add_argument("--threads", type=int, default=1, metavar="N",
+    p.add_argument("--threads", type=positive_int, default=1, metavar="N",
                    help="calibration: torch CPU threads (default 1; the table reproduces exactly only at the "
                         "same thread count, since it changes the order of float sums)")
     p.add_argument("--work", type=Path, metavar="DIR",
@@ -98,8 +99,6 @@ def run_calibration(args: argparse.Namespace) -> int:
     if work.exists() and any(work.iterdir()):
         raise ConfigError(f"{work} is not empty; pass --work with a new folder (nothing is overwritten)")
     device = args.device or "cpu"
-    if args.threads < 1:
-        raise ConfigError("--threads must be >= 1")
     result = run_calibration_experiment(work, args.preset, seed=args.seed, device=device, threads=args.threads)
     print(f"\n## Calibration on the synthetic visual task (held-out, greedy; preset {args.preset})\n")
     print(format_summary(result))

@@ -80,11 +80,12 @@ class ExperimentResult:
     seconds: dict[str, float] = field(default_factory=dict)
     plots: list[Path] = field(default_factory=list)
     work: Path | None = None
+    threads: int | None = None  # torch CPU threads of the run (the table reproduces only at the same count)
 
     def to_dict(self) -> dict[str, Any]:
         return {"rows": self.rows, "groups": self.groups, "seconds": self.seconds,
                 "targets": [{"target": t, "measured": m, "met": ok} for t, m, ok in self.targets],
-                "plots": [str(p) for p in self.plots], "work": str(self.work)}
+                "plots": [str(p) for p in self.plots], "work": str(self.work), "threads": self.threads}
 
 
 def _recipe(name: str) -> dict[str, Any]:
@@ -106,14 +107,14 @@ def run_calibration_experiment(work: str | Path, preset: str | Preset = "full", 
         torch.set_num_threads(threads)
     try:
         return _run(Path(work), PRESETS[preset] if isinstance(preset, str) else preset, seed, device,
-                    ppo_overrides, sft_overrides)
+                    ppo_overrides, sft_overrides, torch.get_num_threads())
     finally:
         torch.set_num_threads(previous)
 
 
 def _run(work: Path, p: Preset, seed: int, device: str, ppo_overrides: dict[str, Any] | None,
-         sft_overrides: dict[str, Any] | None) -> ExperimentResult:
-    result = ExperimentResult(work=work)
+         sft_overrides: dict[str, Any] | None, threads: int) -> ExperimentResult:
+    result = ExperimentResult(work=work, threads=threads)
     t = time.perf_counter()
     release = make_tiny_release(work / "tiny")
     task = build_synthetic_task(work / "task", n_train=p.n_train, n_eval=p.n_eval, findings=p.findings, seed=seed,
@@ -216,7 +217,8 @@ def format_summary(result: ExperimentResult) -> str:
               "| model | " + " | ".join(groups) + " |", "|---|" + "---|" * len(groups)]
     lines += ["| " + m + " | " + " | ".join(fmt(v.get(g)) for g in groups) + " |" for m, v in result.groups.items()]
     lines += ["", "targets:"] + [f"  [{'x' if ok else ' '}] {t}: {m}" for t, m, ok in result.targets]
-    lines += ["", "seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in result.seconds.items())]
+    lines += ["", "seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in result.seconds.items())
+              + (f" ({result.threads} torch thread{'s' if result.threads != 1 else ''})" if result.threads else "")]
     if result.plots:
         lines.append("reliability diagrams: " + ", ".join(str(p) for p in result.plots))
     return "\n".join(lines)

@@ -146,7 +146,10 @@ class PPOConfig(RunSection, LoraSection, ModelSection):  # fields: model, LoRA, 
     whole sampled response (answer and EOS stay anchored when the policy loss covers only a span)."""
     span_fallback: Literal["response", "skip"] = "response"
     """What a sample without a confidence span is optimised on: the whole "response" (with the format
-    penalty as its score) or nothing ("skip"); counted in env/span_fallback_fraction."""
+    penalty as its score) or nothing but the KL term ("skip"); counted in env/span_fallback_fraction.
+    "response" keeps the published recipe's behaviour; with greedy rollouts it can cascade (one such
+    sample pushes the greedy tokens down, the next batch has more: 100 % parse failures within 20
+    steps on the synthetic task), so configs/calibration_ppo.yaml uses "skip"."""
     init_kl_coef: NonNegative = 0.05
     """Initial KL coefficient beta."""
     adaptive_kl: bool = True
