@@ -149,6 +149,14 @@ def test_demo_runs_and_prints_its_table(tiny_release, capsys):
     assert "max |logit(merged) - logit(unmerged)|" in out
 
 
+def test_demo_refuses_counts_below_one(tmp_path, capsys):
+    for option in ("--images", "--max-new-tokens"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["demo", "--out", str(tmp_path / "tiny"), option, "0"])
+        assert exit_info.value.code == 2 and "expected a positive integer, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "tiny").exists()  # refused before anything was built
+
+
 def test_demo_sections_can_be_chosen(tiny_release, capsys):
     assert main(["demo", "--out", str(tiny_release.root), "--sections", "release", "--device", "cpu"]) == 0
     out = capsys.readouterr().out

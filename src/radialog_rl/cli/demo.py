@@ -80,8 +80,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None,
                    help="compute dtype (default: bf16 on CUDA, fp32 on CPU, where bf16 matmuls of "
                         "tiny shapes are slower)")
-    p.add_argument("--images", type=int, default=4, metavar="N", help="synthetic images (default 4)")
-    p.add_argument("--max-new-tokens", type=int, default=32, metavar="N",
+    p.add_argument("--images", type=positive_int, default=4, metavar="N", help="synthetic images (default 4)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=32, metavar="N",
                    help="new tokens per report (default 32)")
     p.add_argument("--sections", default=None, metavar="LIST",
                    help="comma-separated subset of sections to run, by name: "
@@ -120,8 +120,6 @@ def run(args: argparse.Namespace) -> int:
     from radialog_rl.loading.release import load_llava_config
     from radialog_rl.testing.tiny import default_tiny_dir, make_tiny_release
 
-    if args.images < 1 or args.max_new_tokens < 1:
-        raise ConfigError("--images and --max-new-tokens must be >= 1")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype or ("bf16" if device.startswith("cuda") else "fp32")
     out = args.out or default_tiny_dir()
