@@ -29,7 +29,7 @@ def test_the_whole_experiment_runs_and_writes_its_table(tmp_path):
     assert models == ["SFT", "PPO", "oracle", "best"]
     for row in result.rows:
         assert 0.0 <= row["accuracy"] <= 1.0 and row["brier"] is not None
-    assert len(result.targets) == 7 and set(result.groups) == {"SFT", "PPO"}
+    assert len(result.targets) == 7 and set(result.groups) == {"SFT", "PPO", "oracle"}
     work = tmp_path / "work"
     summary = json.loads((work / "summary.json").read_text())
     assert summary["rows"] == result.rows and summary["threads"] == 1
@@ -45,14 +45,15 @@ def test_the_whole_experiment_runs_and_writes_its_table(tmp_path):
 @pytest.mark.experiment
 def test_ci_preset_states_a_confidence_that_separates_right_from_wrong(tmp_path):
     # The CI check: discrimination, not only ECE (a constant confidence can have a low ECE).
-    # Measured with this preset (one thread, transformers 5.24): AUROC 0.736 at step 100, ECE 0.037;
-    # the thresholds leave room for another stack's float differences, not for a constant.
+    # Measured with this preset (one thread, transformers 5.24): AUROC 0.802 at step 150, ECE 0.033,
+    # accuracy 0.935; the thresholds leave room for another stack's float differences, not for a
+    # constant.
     result = run_calibration_experiment(tmp_path / "work", "ci")
     by = {row["model"].split(" ")[0]: row for row in result.rows}
     sft, ppo, constant = by["SFT"], by["PPO"], by["best"]
     assert sft["accuracy"] >= 0.8  # SFT learnt to look (the task's premise)
     assert sft["auroc"] < 0.6  # SFT's confidence is the random format recipe's: no information
-    assert ppo["auroc"] >= 0.65 and ppo["auroc"] > constant["auroc"] + 0.1
+    assert ppo["auroc"] >= 0.7 and ppo["auroc"] > constant["auroc"] + 0.1
     assert ppo["parse_failure_rate"] <= 0.02 and ppo["ece"] <= 0.1
     assert ppo["accuracy"] >= sft["accuracy"] - 0.02
     values = [v for _, v in sorted(result.groups["PPO"].items(), key=lambda kv: float(kv[0]))]
