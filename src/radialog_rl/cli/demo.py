@@ -27,7 +27,7 @@ examples:
   radialog-rl demo
   radialog-rl demo --precisions 16bit,4bit --out /tmp/tiny-release
   radialog-rl demo --device cuda
-  radialog-rl demo calibration                 # the calibration experiment (~11 min, one thread)
+  radialog-rl demo calibration                 # the calibration experiment (~14 min, one thread)
   radialog-rl demo calibration --preset ci     # the same task, 150 PPO steps (CI runs it)"""
 
 
@@ -60,9 +60,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("experiment", nargs="?", choices=("calibration",),
                    help="'calibration': the calibration experiment on the synthetic visual task "
                         "(build data -> SFT -> merge -> PPO with held-out eval -> table and "
-                        "reliability diagrams; about 11 minutes on one CPU thread with --preset full)")
+                        "reliability diagrams; about 14 minutes on one CPU thread with --preset full)")
     p.add_argument("--preset", choices=("full", "ci"), default="full",
-                   help="calibration: sizes of the run (full: 1600/400 rows, 12 SFT epochs, 200 PPO steps; ci: "
+                   help="calibration: sizes of the run (full: 1600/400 rows, 12 SFT epochs, 300 PPO steps; ci: "
                         "the same with 150 PPO steps)")
     p.add_argument("--threads", type=positive_int, default=1, metavar="N",
                    help="calibration: torch CPU threads (default 1; the table reproduces exactly only at the "
