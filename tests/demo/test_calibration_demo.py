@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from radialog_rl.cli import main
-from radialog_rl.demo.calibration import Preset, check_targets, format_summary, run_calibration_experiment
+from radialog_rl.demo.calibration import (Preset, check_targets, format_summary, oracle_positive_groups,
+                                          run_calibration_experiment)
 
 TINY = Preset(n_train=64, n_eval=32, sft_epochs=10, ppo_steps=4, eval_every=2, findings=("opacity",))
 
@@ -92,3 +93,14 @@ def test_cli_refuses_a_used_work_folder(tmp_path, capsys):
     (tmp_path / "old.txt").write_text("keep me")
     assert main(["demo", "calibration", "--preset", "ci", "--work", str(tmp_path)]) == 1
     assert "not empty" in capsys.readouterr().err and (tmp_path / "old.txt").read_text() == "keep me"
+
+
+def test_oracle_groups_average_each_findings_accuracy_over_its_positives():
+    def row(finding, group, correct):
+        return {"finding": finding, "visibility_group": group, "correct": correct, "confidence": 5}
+
+    rows = ([row("opacity", "0.10", c) for c in (True, False, False, False)]  # accuracy 0.25
+            + [row("effusion", "0.10", c) for c in (True, True)]  # accuracy 1.0
+            + [row("opacity", "1.00", True)] * 3 + [row("opacity", "none", False)] * 2)
+    # 0.10: (4 x 0.25 + 2 x 1.0) / 6 = 0.5; 1.00: 1.0; negatives ("none") are not a positive group
+    assert oracle_positive_groups(rows) == {"0.10": 0.5, "1.00": 1.0}

@@ -75,8 +75,9 @@ class ExperimentResult:
 
     rows: the table (SFT, PPO, oracle, best constant) with accuracy, ece, brier, auroc,
         parse_failure_rate, mean_confidence; groups: per model (SFT, PPO, and the oracle for
-        reference), mean stated confidence (0..1) by visibility group among positives; targets: each target of the issue and whether it holds;
-        seconds: wall time per phase; plots: the reliability diagrams written.
+        reference), mean stated confidence (0..1) by visibility group among positives; targets:
+        each target of the issue and whether it holds (on PPO's groups); seconds: wall time per
+        phase; plots: the reliability diagrams written.
     """
 
     rows: list[dict[str, Any]] = field(default_factory=list)
@@ -152,12 +153,10 @@ def _run(work: Path, p: Preset, seed: int, device: str, ppo_overrides: dict[str,
     after = json.loads((work / "ppo" / "final" / "eval.json").read_text())
     result.seconds["ppo"] = time.perf_counter() - t
     eval_dir = work / "ppo" / "eval"
-    result.rows = _table(eval_dir, before, after)
     sft_rows, ppo_rows = _eval_rows(eval_dir, before["step"]), _eval_rows(eval_dir, after["step"])
-    oracle_rows = [{**r, "confidence": 10 * c} for r, c in
-                   zip(sft_rows, oracle_confidences(sft_rows, [bool(r["correct"]) for r in sft_rows]))]
+    result.rows = _table(sft_rows, before, after)
     result.groups = {"SFT": _positive_groups(sft_rows), "PPO": _positive_groups(ppo_rows),
-                     "oracle": _positive_groups(oracle_rows)}
+                     "oracle": oracle_positive_groups(sft_rows)}
     result.targets = check_targets(result.rows, result.groups["PPO"])
     result.plots = _plots(work / "plots", sft_rows, ppo_rows)
     (work / "summary.json").write_text(json.dumps(result.to_dict(), indent=2, default=str))
@@ -174,6 +173,13 @@ def _positive_groups(rows: list[dict[str, Any]]) -> dict[str, float | None]:
         if row["confidence"] is not None:
             groups[row["visibility_group"]].append(row["confidence"] / 10)
     return {g: (sum(v) / len(v) if v else None) for g, v in sorted(groups.items())}
+
+
+def oracle_positive_groups(sft_rows: list[dict[str, Any]]) -> dict[str, float | None]:
+    """The oracle's confidence (0..1) by visibility group among positives: each row states its
+    (finding, visibility group)'s SFT accuracy (:func:`oracle_confidences`), averaged per group."""
+    confidences = oracle_confidences(sft_rows, [bool(r["correct"]) for r in sft_rows])
+    return _positive_groups([{**r, "confidence": 10 * c} for r, c in zip(sft_rows, confidences)])
 
 
 def check_targets(rows: list[dict[str, Any]], groups: dict[str, float | None]) -> list[tuple[str, str, bool]]:
@@ -236,9 +242,8 @@ def _eval_rows(eval_dir: Path, step: int) -> list[dict[str, Any]]:
     return json.loads((eval_dir / f"step-{step:06d}.json").read_text())["rows"]
 
 
-def _table(eval_dir: Path, before: dict, after: dict) -> list[dict[str, Any]]:
+def _table(sft_rows: list[dict[str, Any]], before: dict, after: dict) -> list[dict[str, Any]]:
     """Rows: SFT, PPO, the oracle (SFT's accuracy per visibility group as confidence), best constant."""
-    sft_rows = _eval_rows(eval_dir, before["step"])
     correct = [bool(r["correct"]) for r in sft_rows]
     keys = ("accuracy", "ece", "brier", "auroc", "parse_failure_rate", "mean_confidence")
     table = [{"model": name, **{k: m.get(k) for k in keys}} for name, m in (("SFT", before), ("PPO", after))]
