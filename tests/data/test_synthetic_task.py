@@ -49,6 +49,26 @@ def test_same_seed_gives_byte_identical_files(task, tmp_path):
     assert _tree_bytes(other.root)["images/train_00000.png"] != first["images/train_00000.png"]
 
 
+def test_validation_split_is_separate_and_leaves_the_other_splits_as_they_were(task, tmp_path):
+    with_val = build_synthetic_task(tmp_path / "val", n_train=24, n_eval=12, seed=3, size=64, n_val=6)
+    before, after = _tree_bytes(task.root), _tree_bytes(with_val.root)
+    # Train and eval files and images are byte-identical with or without a validation split.
+    for name in ("ppo_train.jsonl", "ppo_eval.jsonl", "sft_train.jsonl", "sft_eval.jsonl"):
+        assert after[name] == before[name]
+    assert all(after[name] == data for name, data in before.items() if name.startswith("images/"))
+    val = read_task_rows(with_val.ppo_val)
+    assert len(val) == 6 and sum(r["answer"] == "yes" for r in val) == 3
+    assert all(r["image"].startswith("images/val_") and r["id"].startswith("val-") for r in val)
+    assert len(read_task_rows(with_val.sft_val)) == 6
+    # No image is shared with another split (distinct random streams per split).
+    images = {data for name, data in after.items() if name.startswith("images/")}
+    assert len(images) == 24 + 12 + 6
+    manifest = json.loads(with_val.manifest.read_text())
+    assert manifest["parameters"]["n_val"] == 6 and manifest["counts"]["val"]["rows"] == 6
+    assert manifest["files"]["ppo_val"] == "ppo_val.jsonl"
+    assert task.ppo_val is None and not (task.root / "ppo_val.jsonl").exists()
+
+
 def test_rows_fields_and_counts(task):
     manifest = json.loads(task.manifest.read_text())
     assert manifest["parameters"]["n_train"] == 24 and manifest["parameters"]["size"] == 64

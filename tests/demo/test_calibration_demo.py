@@ -12,7 +12,7 @@ from radialog_rl.cli import main
 from radialog_rl.demo.calibration import (Preset, check_targets, format_summary, oracle_positive_groups,
                                           run_calibration_experiment)
 
-TINY = Preset(n_train=64, n_eval=32, sft_epochs=10, ppo_steps=4, eval_every=2, findings=("opacity",))
+TINY = Preset(n_train=64, n_eval=32, sft_epochs=10, ppo_steps=4, eval_every=2, n_val=16, findings=("opacity",))
 
 
 def test_the_whole_experiment_runs_and_writes_its_table(tmp_path):
@@ -35,12 +35,20 @@ def test_the_whole_experiment_runs_and_writes_its_table(tmp_path):
     summary = json.loads((work / "summary.json").read_text())
     assert summary["rows"] == result.rows and summary["threads"] == 1
     assert (work / "sft" / "merged" / "config.json").is_file()
+    # The curve (and best checkpoint) on the validation split; the table's two evaluations on the held-out one.
     assert sorted(p.name for p in (work / "ppo" / "eval").glob("step-*.json")) == [
         "step-000000.json", "step-000002.json", "step-000004.json"]
+    assert [e["step"] for e in result.validation] == [0, 2, 4] and summary["validation"] == result.validation
+    val_ids = {r["id"] for r in json.loads((work / "ppo" / "eval" / "step-000004.json").read_text())["rows"]}
+    test = json.loads((work / "ppo" / "test" / "step-000004.json").read_text())
+    assert sorted(p.name for p in (work / "ppo" / "test").glob("step-*.json")) == [
+        "step-000000.json", "step-000004.json"]
+    assert len(val_ids) == 16 and len(test["rows"]) == 32 and not val_ids & {r["id"] for r in test["rows"]}
+    assert result.rows[1]["auroc"] == test["metrics"]["auroc"]  # the PPO row is the held-out split's
     assert (work / "ppo" / "final" / "adapter" / "adapter_config.json").is_file()
     assert [p.name for p in result.plots] == ["reliability_sft.png", "reliability_ppo.png"]
     text = format_summary(result)
-    assert "| SFT |" in text and "targets:" in text
+    assert "| SFT |" in text and "targets:" in text and "validation split" in text
 
 
 @pytest.mark.experiment

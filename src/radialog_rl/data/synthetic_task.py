@@ -23,10 +23,14 @@ exist for evaluation; negatives have no finding (visibility 0, group ``"none"``)
                                          "visibility_group", "id"}
       sft_train.jsonl  sft_eval.jsonl   the same rows plus "target": "Yes {\\"confidence\\": N}" /
                                          "No {\\"confidence\\": N}", N uniform on 0..scale
+      ppo_val.jsonl  sft_val.jsonl      only with n_val > 0: a validation split (images/val_*.png)
       manifest.json                     parameters, file names and counts
 
 The SFT rows use the same images as the PPO rows of their split (SFT then PPO on the training
-images, both evaluated on the held-out ones); train and eval never share an image. Everything is
+images, both evaluated on the held-out ones); no two splits share an image. The validation split is
+for choices made while training (checkpoints, recipe settings), so that the held-out ``eval`` split
+is looked at only for the final table. Each split draws from its own random streams, so adding a
+validation split leaves the train and eval files byte for byte as they were. Everything is
 deterministic from ``seed``: the same arguments give byte-identical files.
 """
 
@@ -86,7 +90,7 @@ FINDING_QUESTIONS: dict[str, str] = {
 DEFAULT_NOISE_STD = 0.02
 #: Smallest image side the lung-field detection works at.
 _MIN_SIZE = 32
-_SPLITS = ("train", "eval")
+_SPLITS = ("train", "eval", "val")  # the index of each is part of its random streams
 _MANIFEST_VERSION = 1
 
 
@@ -399,6 +403,8 @@ class TaskFiles:
     sft_train: Path
     sft_eval: Path
     manifest: Path
+    ppo_val: Path | None = None  # None: built without a validation split (n_val 0)
+    sft_val: Path | None = None
 
 
 def _check_count(name: str, value: Any) -> int:
@@ -449,6 +455,7 @@ def build_synthetic_task(
     confidence_scale: int = 10,
     visibility_levels: Sequence[float] = DEFAULT_VISIBILITY_LEVELS,
     noise_std: float = DEFAULT_NOISE_STD,
+    n_val: int = 0,
 ) -> TaskFiles:
     """Write the synthetic calibration task (layout and row formats in the module docstring).
 
@@ -456,6 +463,7 @@ def build_synthetic_task(
         out_dir: folder to write into (created; files of a previous build are overwritten, other
             files are left alone).
         n_train, n_eval: rows (= images) of the training and held-out splits.
+        n_val: rows of the validation split (0: none; the other splits do not depend on it).
         findings: finding types (keys of :data:`FINDINGS`); rows cycle through them.
         seed: task seed; the same arguments give byte-identical files.
         size: image side in pixels (128 = the tiny release's crop; RaDialog's is 448).
@@ -472,6 +480,8 @@ def build_synthetic_task(
         ConfigError: an argument is out of range or a finding is unknown.
     """
     n_train, n_eval = _check_count("n_train", n_train), _check_count("n_eval", n_eval)
+    if n_val != 0:
+        n_val = _check_count("n_val", n_val)
     findings = tuple(_check_finding(f) for f in findings)
     if not findings or len(set(findings)) != len(findings):
         raise ConfigError(f"findings must be distinct names from {', '.join(FINDINGS)}, "
@@ -493,9 +503,15 @@ def build_synthetic_task(
     images.mkdir(parents=True, exist_ok=True)
     files = TaskFiles(root=root, images=images, ppo_train=root / "ppo_train.jsonl",
                       ppo_eval=root / "ppo_eval.jsonl", sft_train=root / "sft_train.jsonl",
-                      sft_eval=root / "sft_eval.jsonl", manifest=root / "manifest.json")
+                      sft_eval=root / "sft_eval.jsonl", manifest=root / "manifest.json",
+                      ppo_val=root / "ppo_val.jsonl" if n_val else None,
+                      sft_val=root / "sft_val.jsonl" if n_val else None)
+    paths = {"train": (files.ppo_train, files.sft_train), "eval": (files.ppo_eval, files.sft_eval),
+             "val": (files.ppo_val, files.sft_val)}
     counts: dict[str, Any] = {}
-    for split_index, (split, n) in enumerate(zip(_SPLITS, (n_train, n_eval))):
+    for split_index, (split, n) in enumerate(zip(_SPLITS, (n_train, n_eval, n_val))):
+        if n == 0:
+            continue
         plan_rng, target_rng = (np.random.default_rng(s) for s in
                                 np.random.SeedSequence([seed, split_index]).spawn(2))
         plan = _split_plan(n, findings, levels, float(positive_fraction), plan_rng)
@@ -512,8 +528,8 @@ def build_synthetic_task(
                    "visibility_group": visibility_group(visibility), "id": f"{split}-{i:05d}"}
             ppo_rows.append(row)
             sft_rows.append({**row, "target": qa_sft_target(answer, target_rng, confidence_scale)})
-        _write_jsonl(files.ppo_train if split == "train" else files.ppo_eval, ppo_rows)
-        _write_jsonl(files.sft_train if split == "train" else files.sft_eval, sft_rows)
+        _write_jsonl(paths[split][0], ppo_rows)
+        _write_jsonl(paths[split][1], sft_rows)
         groups = Counter(f"{r['finding']}/{r['visibility_group']}" for r in ppo_rows)
         counts[split] = {"rows": n, "positives": sum(r["answer"] == "yes" for r in ppo_rows),
                          "groups": dict(sorted(groups.items()))}
@@ -522,14 +538,15 @@ def build_synthetic_task(
     manifest = {
         "task": "radialog-rl synthetic visual calibration",
         "version": _MANIFEST_VERSION,
-        "parameters": {"n_train": n_train, "n_eval": n_eval, "findings": list(findings),
+        "parameters": {"n_train": n_train, "n_eval": n_eval, "n_val": n_val, "findings": list(findings),
                        "seed": int(seed), "size": size,
                        "positive_fraction": float(positive_fraction),
                        "confidence_scale": confidence_scale, "visibility_levels": list(levels),
                        "noise_std": float(noise_std)},
         "files": {"images": "images", "ppo_train": files.ppo_train.name,
                   "ppo_eval": files.ppo_eval.name, "sft_train": files.sft_train.name,
-                  "sft_eval": files.sft_eval.name},
+                  "sft_eval": files.sft_eval.name,
+                  **({"ppo_val": files.ppo_val.name, "sft_val": files.sft_val.name} if n_val else {})},
         "counts": counts,
     }
     files.manifest.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n",

@@ -2,8 +2,13 @@
 
 ``radialog-rl demo calibration`` runs: build the task (CXR-like images with a finding of graded
 visibility, :mod:`radialog_rl.data.synthetic_task`) -> SFT (answer + uniform random confidence: the
-format, not the number) -> merge -> PPO with a fresh LoRA and held-out greedy evaluation -> the
-table (SFT, PPO, the oracle and the best constant) and reliability diagrams before/after.
+format, not the number) -> merge -> PPO with a fresh LoRA -> the table (SFT, PPO, the oracle and
+the best constant) and reliability diagrams before/after.
+
+Three splits of distinct images: PPO trains on ``train``, its curve and best checkpoint are taken
+on ``val`` (``ppo/eval/``), and the held-out ``eval`` split is scored only at step 0 and at the last
+step (``ppo/test/``) for the table, so that no choice (a recipe setting, a step count) is made on
+the numbers it reports.
 
 The recipe is the YAML pair ``configs/calibration_sft.yaml`` / ``configs/calibration_ppo.yaml``; a
 preset only changes sizes (rows, steps) so that CI can run a short version.
@@ -28,15 +33,18 @@ import yaml
 
 from radialog_rl.calibration.baselines import best_constant_confidence, oracle_confidences, oracle_report
 from radialog_rl.calibration.plots import reliability_diagram
-from radialog_rl.data.synthetic_task import build_synthetic_task
-from radialog_rl.errors import RadialogError
+from radialog_rl.data.synthetic_task import TaskFiles, build_synthetic_task
+from radialog_rl.errors import ConfigError, RadialogError
 from radialog_rl.testing.tiny import make_tiny_release
 from radialog_rl.training.ppo.config import PPOConfig
+from radialog_rl.training.ppo.rollout import load_prompt_jsonl
 from radialog_rl.training.ppo.trainer import PPOTrainer
+from radialog_rl.training.preflight import check_rows
 from radialog_rl.training.sft import SFTConfig, run_sft
 
 logger = logging.getLogger(__name__)
 
+TEST_FOLDER = "test"  # ppo/test/: the held-out table's evaluations (ppo/eval/: the validation curve)
 CONFIG_DIR = Path(__file__).resolve().parents[3] / "configs"
 
 
@@ -49,6 +57,7 @@ class Preset:
     sft_epochs: float
     ppo_steps: int
     eval_every: int
+    n_val: int = 400  # validation rows: the PPO curve and best checkpoint (not the table)
     findings: tuple[str, ...] = ("opacity", "effusion", "pneumothorax")
     # Spread where the tiny model's accuracy varies (faint findings are often missed, clear ones
     # not; that variation is what confidence must follow), with a clear level so SFT learns to look.
@@ -77,7 +86,8 @@ class ExperimentResult:
         parse_failure_rate, mean_confidence; groups: per model (SFT, PPO, and the oracle for
         reference), mean stated confidence (0..1) by visibility group among positives; targets:
         each target of the issue and whether it holds (on PPO's groups); seconds: wall time per
-        phase; plots: the reliability diagrams written.
+        phase; plots: the reliability diagrams written; validation: the PPO curve on the
+        validation split (step, accuracy, ece, brier, auroc, parse_failure_rate per evaluation).
     """
 
     rows: list[dict[str, Any]] = field(default_factory=list)
@@ -85,13 +95,15 @@ class ExperimentResult:
     targets: list[tuple[str, str, bool]] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
     plots: list[Path] = field(default_factory=list)
+    validation: list[dict[str, Any]] = field(default_factory=list)
     work: Path | None = None
     threads: int | None = None  # torch CPU threads of the run (the table reproduces only at the same count)
 
     def to_dict(self) -> dict[str, Any]:
         return {"rows": self.rows, "groups": self.groups, "seconds": self.seconds,
                 "targets": [{"target": t, "measured": m, "met": ok} for t, m, ok in self.targets],
-                "plots": [str(p) for p in self.plots], "work": str(self.work), "threads": self.threads}
+                "plots": [str(p) for p in self.plots], "validation": self.validation,
+                "work": str(self.work), "threads": self.threads}
 
 
 def _recipe(name: str) -> dict[str, Any]:
@@ -118,13 +130,19 @@ def run_calibration_experiment(work: str | Path, preset: str | Preset = "full", 
         torch.set_num_threads(previous)
 
 
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
 def _run(work: Path, p: Preset, seed: int, device: str, ppo_overrides: dict[str, Any] | None,
          sft_overrides: dict[str, Any] | None, threads: int) -> ExperimentResult:
     result = ExperimentResult(work=work, threads=threads)
     t = time.perf_counter()
     release = make_tiny_release(work / "tiny")
     task = build_synthetic_task(work / "task", n_train=p.n_train, n_eval=p.n_eval, findings=p.findings, seed=seed,
-                                visibility_levels=p.visibility_levels)
+                                visibility_levels=p.visibility_levels, n_val=p.n_val)
     result.seconds["data"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -136,24 +154,39 @@ def _run(work: Path, p: Preset, seed: int, device: str, ppo_overrides: dict[str,
     sft["trainer"].update(overrides.pop("trainer", {}))
     sft.update(overrides)
     run_sft(SFTConfig(**sft))
-    merged = work / "sft" / "merged"
     result.seconds["sft"] = time.perf_counter() - t
+    return run_ppo_phase(work, work / "sft" / "merged", task, p, seed, device, ppo_overrides, result)
 
+
+def run_ppo_phase(work: Path, merged: Path, task: TaskFiles, p: Preset, seed: int = 0, device: str = "cpu",
+                  ppo_overrides: dict[str, Any] | None = None,
+                  result: ExperimentResult | None = None) -> ExperimentResult:
+    """The experiment from a merged SFT model on: PPO in ``work/ppo``, then the table, groups,
+    targets, plots and ``work/summary.json``. Alone, it compares PPO settings on one SFT model
+    (``task`` must have a validation split)."""
+    if task.ppo_val is None:
+        raise ConfigError("the calibration experiment needs a task with a validation split (n_val > 0)")
+    result = result or ExperimentResult(work=work, threads=_torch_threads())
     t = time.perf_counter()
     ppo = _recipe("calibration_ppo.yaml")
-    ppo.update(llava_model_path=str(merged), train_file=str(task.ppo_train), eval_file=str(task.ppo_eval),
+    ppo.update(llava_model_path=str(merged), train_file=str(task.ppo_train), eval_file=str(task.ppo_val),
                output_dir=str(work / "ppo"), steps=p.ppo_steps, eval_every=p.eval_every, seed=seed,
                device=device)
     ppo.update(ppo_overrides or {})
     trainer = PPOTrainer(PPOConfig(**ppo))
-    before = trainer.evaluate()  # step 0: the fresh adapter is zero, so this is the SFT model
+    test = load_prompt_jsonl(task.ppo_eval)
+    check_rows(test, trainer.reward_fn, what=f"held-out rows {task.ppo_eval}")
+    # Step 0: the fresh adapter is zero, so this is the SFT model (on both splits: the curve starts here).
+    before = trainer.evaluate(test, folder=TEST_FOLDER)
+    trainer.evaluate()
     result.seconds["eval_sft"] = time.perf_counter() - t
     t = time.perf_counter()
     trainer.train()
-    after = json.loads((work / "ppo" / "final" / "eval.json").read_text())
+    after = trainer.evaluate(test, folder=TEST_FOLDER)
     result.seconds["ppo"] = time.perf_counter() - t
-    eval_dir = work / "ppo" / "eval"
-    sft_rows, ppo_rows = _eval_rows(eval_dir, before["step"]), _eval_rows(eval_dir, after["step"])
+    test_dir = work / "ppo" / TEST_FOLDER
+    sft_rows, ppo_rows = _eval_rows(test_dir, before["step"]), _eval_rows(test_dir, after["step"])
+    result.validation = validation_curve(work / "ppo" / "eval")
     result.rows = _table(sft_rows, before, after)
     result.groups = {"SFT": _positive_groups(sft_rows), "PPO": _positive_groups(ppo_rows),
                      "oracle": oracle_positive_groups(sft_rows)}
@@ -161,6 +194,16 @@ def _run(work: Path, p: Preset, seed: int, device: str, ppo_overrides: dict[str,
     result.plots = _plots(work / "plots", sft_rows, ppo_rows)
     (work / "summary.json").write_text(json.dumps(result.to_dict(), indent=2, default=str))
     return result
+
+
+def validation_curve(eval_dir: Path) -> list[dict[str, Any]]:
+    """The PPO run's evaluations on the validation split, by step (``step-NNNNNN.json`` files)."""
+    keys = ("step", "accuracy", "ece", "brier", "auroc", "parse_failure_rate")
+    curve = []
+    for path in sorted(eval_dir.glob("step-*.json")):
+        metrics = json.loads(path.read_text())["metrics"]
+        curve.append({k: metrics.get(k) for k in keys})
+    return curve
 
 
 def _positive_groups(rows: list[dict[str, Any]]) -> dict[str, float | None]:
@@ -230,6 +273,10 @@ def format_summary(result: ExperimentResult) -> str:
     lines += ["", "mean stated confidence among positives, by visibility:",
               "| model | " + " | ".join(groups) + " |", "|---|" + "---|" * len(groups)]
     lines += ["| " + m + " | " + " | ".join(fmt(v.get(g)) for g in groups) + " |" for m, v in result.groups.items()]
+    if result.validation:
+        lines += ["", "validation split (the PPO curve; the table above is the held-out split):",
+                  "  step  " + "  ".join(f"{e['step']:>5}" for e in result.validation)]
+        lines += [f"  {k:<5} " + "  ".join(f"{fmt(e[k]):>5}" for e in result.validation) for k in ("auroc", "ece")]
     lines += ["", "targets:"] + [f"  [{'x' if ok else ' '}] {t}: {m}" for t, m, ok in result.targets]
     lines += ["", "seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in result.seconds.items())
               + (f" ({result.threads} torch thread{'s' if result.threads != 1 else ''})" if result.threads else "")]

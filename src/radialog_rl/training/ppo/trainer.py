@@ -921,12 +921,13 @@ class PPOTrainer:
 
     # -- held-out evaluation and export ---------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self, rows: list[PromptRow] | None = None, write: bool = True) -> dict:
+    def evaluate(self, rows: list[PromptRow] | None = None, write: bool = True, folder: str = "eval") -> dict:
         """Greedy answers on ``rows`` (default the ``eval_file`` rows) -> the calibration table.
 
         Returns the metrics of :func:`~radialog_rl.training.ppo.evaluation.evaluation_table`; with
-        ``write``, the main process also writes ``output_dir/eval/step-NNNNNN.json`` (metrics and
-        every row's text, confidence and correctness).
+        ``write``, the main process also writes ``output_dir/<folder>/step-NNNNNN.json`` (metrics
+        and every row's text, confidence and correctness). Another ``folder`` keeps a second set
+        (e.g. a test split next to the validation ``eval_file``) apart from the training curve.
         """
         cfg = self.config
         rows = self.eval_rows if rows is None else rows
@@ -947,7 +948,7 @@ class PPOTrainer:
         metrics, per_row = evaluation_table([r.fields for r in rows], texts, scale, cfg.eval_group_by)
         metrics["step"] = self.step_count
         if write and self.accelerator.is_main_process:
-            out = self.output_dir / "eval"
+            out = self.output_dir / folder
             out.mkdir(parents=True, exist_ok=True)
             payload = json.dumps({"metrics": metrics, "rows": per_row}, indent=1)
             (out / f"step-{self.step_count:06d}.json").write_text(payload)
