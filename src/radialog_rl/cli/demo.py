@@ -59,10 +59,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("experiment", nargs="?", choices=("calibration",),
                    help="'calibration': the calibration experiment on the synthetic visual task "
-                        "(build data -> SFT -> merge -> PPO with held-out eval -> table and "
-                        "reliability diagrams; about 14 minutes on one CPU thread with --preset full)")
+                        "(build data -> SFT -> merge -> PPO with a validation curve -> held-out table "
+                        "and reliability diagrams; about 14 minutes on one CPU thread with --preset full)")
     p.add_argument("--preset", choices=("full", "ci"), default="full",
-                   help="calibration: sizes of the run (full: 1600/400 rows, 12 SFT epochs, 300 PPO steps; ci: "
+                   help="calibration: sizes of the run (full: 1600/400/400 train/validation/held-out rows, 12 SFT epochs, 300 PPO steps; ci: "
                         "the same with 150 PPO steps)")
     p.add_argument("--threads", type=positive_int, default=1, metavar="N",
                    help="calibration: torch CPU threads (default 1; the table reproduces exactly only at the "
