@@ -10,7 +10,8 @@ from radialog_rl.calibration.metrics import auroc
 
 
 def test_a_perfect_ranking_has_the_point_interval_at_one():
-    # Every resample that holds both classes ranks all right answers above all wrong ones: AUROC 1.
+    # Right and wrong answers are resampled separately, so every resample ranks all right ones above
+    # all wrong ones: AUROC 1.
     assert auroc_interval([1, 2, 8, 9, 9, 10], [False, False, True, True, True, True]) == (1.0, 1.0)
 
 

@@ -175,6 +175,8 @@ def test_findings_change_only_their_region_and_keep_direction():
         ({"findings": ("edema",)}, "unknown synthetic finding"),
         ({"findings": ()}, "findings must be distinct"),
         ({"n_train": 0}, "n_train must be a positive integer"),
+        ({"n_val": -1}, "n_val must be a positive integer"),
+        ({"n_val": True}, "n_val must be a positive integer"),
         ({"confidence_scale": 5}, "confidence_scale must be one of"),
         ({"visibility_levels": (0.0, 0.5)}, "visibility_levels must be distinct"),
         ({"visibility_levels": (1.5,)}, "visibility must be a number in"),

@@ -9,8 +9,10 @@ import pytest
 import torch
 
 from radialog_rl.cli import main
+from radialog_rl.data.synthetic_task import build_synthetic_task
 from radialog_rl.demo.calibration import (Preset, check_targets, format_summary, oracle_positive_groups,
-                                          run_calibration_experiment)
+                                          run_calibration_experiment, run_ppo_phase)
+from radialog_rl.errors import ConfigError
 
 TINY = Preset(n_train=64, n_eval=32, sft_epochs=10, ppo_steps=4, eval_every=2, n_val=16, findings=("opacity",))
 
@@ -90,6 +92,14 @@ def test_targets_hand_computed():
     results = check_targets(_rows(bad), {"0.05": 0.2, "0.10": 0.2, "0.20": 0.5, "0.60": 0.9})
     assert [met for _, _, met in results] == [False] * 7  # 0.71 < 0.75 and < 0.9 x 0.8 = 0.72; ...
     assert not check_targets(_rows(good), {"0.05": 0.2, "0.10": 0.3, "0.20": 0.5})[5][2]  # < 4 groups
+
+
+def test_the_ppo_phase_refuses_a_task_without_a_validation_split(tmp_path):
+    # The table must not be chosen on: without a validation split there is nothing else to choose on.
+    task = build_synthetic_task(tmp_path / "task", n_train=2, n_eval=2, size=32)
+    with pytest.raises(ConfigError, match="needs a task with a validation split"):
+        run_ppo_phase(tmp_path / "work", tmp_path / "no-model", task, TINY)
+    assert not (tmp_path / "work").exists()
 
 
 def test_cli_refuses_a_thread_count_below_one(tmp_path, capsys):

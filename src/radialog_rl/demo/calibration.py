@@ -29,10 +29,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
-from radialog_rl.calibration.intervals import auroc_interval
 from radialog_rl.calibration.baselines import best_constant_confidence, oracle_confidences, oracle_report
+from radialog_rl.calibration.intervals import auroc_interval
 from radialog_rl.calibration.plots import reliability_diagram
 from radialog_rl.data.synthetic_task import TaskFiles, build_synthetic_task
 from radialog_rl.errors import ConfigError, RadialogError
@@ -120,8 +121,6 @@ def run_calibration_experiment(work: str | Path, preset: str | Preset = "full", 
 
     threads: torch CPU threads during the run (restored afterwards); None leaves torch's setting.
     """
-    import torch
-
     previous = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
@@ -130,12 +129,6 @@ def run_calibration_experiment(work: str | Path, preset: str | Preset = "full", 
                     ppo_overrides, sft_overrides, torch.get_num_threads())
     finally:
         torch.set_num_threads(previous)
-
-
-def _torch_threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
 
 
 def _run(work: Path, p: Preset, seed: int, device: str, ppo_overrides: dict[str, Any] | None,
@@ -164,11 +157,18 @@ def run_ppo_phase(work: Path, merged: Path, task: TaskFiles, p: Preset, seed: in
                   ppo_overrides: dict[str, Any] | None = None,
                   result: ExperimentResult | None = None) -> ExperimentResult:
     """The experiment from a merged SFT model on: PPO in ``work/ppo``, then the table, groups,
-    targets, plots and ``work/summary.json``. Alone, it compares PPO settings on one SFT model
-    (``task`` must have a validation split)."""
+    targets, plots and ``work/summary.json``. Alone, it compares PPO settings on one SFT model.
+
+    ``ppo/eval/`` (and ``ppo/best``, ``ppo/final/eval.json``, written by the trainer from its
+    ``eval_file``) hold the validation split's numbers; the held-out table's two evaluations are in
+    ``ppo/test/`` and ``summary.json``.
+
+    Raises:
+        ConfigError: ``task`` has no validation split (built with ``n_val`` 0).
+    """
     if task.ppo_val is None:
         raise ConfigError("the calibration experiment needs a task with a validation split (n_val > 0)")
-    result = result or ExperimentResult(work=work, threads=_torch_threads())
+    result = result or ExperimentResult(work=work, threads=torch.get_num_threads())
     t = time.perf_counter()
     ppo = _recipe("calibration_ppo.yaml")
     ppo.update(llava_model_path=str(merged), train_file=str(task.ppo_train), eval_file=str(task.ppo_val),
