@@ -320,3 +320,22 @@ def test_bad_config_files_are_named(tmp_path):
         load_llava_config(tmp_path)
     with pytest.raises(CheckpointError, match="is a file; pass the directory"):
         resolve_model_dir(tmp_path / "config.json", what="RaDialog release")
+
+
+def test_loading_asks_transformers_for_no_hub_kernels(tiny_release, monkeypatch):
+    # transformers 5.25 kernelizes by default; on CUDA that downloads kernels-community layers at
+    # load time (and fails offline). The loader must turn it off on every load, 16-bit and 4-bit.
+    from transformers import PreTrainedModel
+
+    asked = []
+    original = PreTrainedModel.set_use_kernels
+
+    def record(self, use_kernels, *args, **kwargs):
+        asked.append(use_kernels)
+        return original(self, use_kernels, *args, **kwargs)
+
+    monkeypatch.setattr(PreTrainedModel, "set_use_kernels", record)
+    for precision in ("16bit", "4bit"):
+        model = _load(tiny_release, precision=precision)
+        assert model.use_kernels is False
+    assert asked == [False, False]
