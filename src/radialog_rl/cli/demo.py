@@ -66,7 +66,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "the same with 150 PPO steps)")
     p.add_argument("--threads", type=positive_int, default=1, metavar="N",
                    help="calibration: torch CPU threads (default 1; the table reproduces exactly only at the "
-                        "same thread count, since it changes the order of float sums)")
+                        "same thread count and on the same CPU type, since both change float rounding)")
     p.add_argument("--work", type=Path, metavar="DIR",
                    help="calibration: working folder for data, runs, plots and summary.json "
                         "(default: runs/demo-calibration-<preset>; refused when not empty)")

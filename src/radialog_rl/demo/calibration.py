@@ -13,11 +13,13 @@ the numbers it reports.
 The recipe is the YAML pair ``configs/calibration_sft.yaml`` / ``configs/calibration_ppo.yaml``; a
 preset only changes sizes (rows, steps) so that CI can run a short version.
 
-The run is reproducible to the last digit on one stack only at a fixed CPU thread count: the
-thread count changes the order of float reductions, and a few hundred optimiser steps amplify
-that into a different model (measured on 2 cores, preset full: SFT accuracy 0.873 with one thread,
-0.868 with two; PPO AUROC 0.774 and 0.716). The experiment therefore pins torch's CPU threads
-(``threads``, default 1, the setting of the README's table) for its duration.
+The run is reproducible to the last digit on one stack only on the same CPU type and at a fixed
+CPU thread count: both change float rounding (the kernels torch picks for the CPU's instruction
+set; the order of reductions across threads), and a few hundred optimiser steps amplify that into
+a different model (measured on 2 cores, preset full: SFT accuracy 0.873 with one thread, 0.868
+with two, PPO AUROC 0.774 and 0.716; on another Xeon the README's seed-0 table became AUROC 0.774
+instead of 0.840). The experiment therefore pins torch's CPU threads (``threads``, default 1, the
+setting of the README's table) for its duration.
 """
 
 from __future__ import annotations
