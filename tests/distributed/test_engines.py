@@ -3,7 +3,8 @@
 Per (kind, engine), from one straight run of 3 steps, one run resumed from its first checkpoint and
 one DDP run of the same config (see conftest.py; the DDP runs are shared by all engines): the
 engine really is the one asked for; both ranks hold the same trainable weights; they equal DDP's on
-the same rollouts / batches (within 1e-5: only the order of floating-point reductions differs); the
+the same rollouts / batches (relative L2 under 1e-5, no weight off by 1e-4: only the order of
+floating-point reductions differs, see test_weights_equal_a_ddp_run); the
 resumed run ends where the straight one did; the saved adapter (and PPO value head) are complete and
 equal the gathered weights.
 
@@ -35,6 +36,14 @@ CASES = [pytest.param(kind, engine, id=f"{kind}-{engine}") for kind in ("ppo", "
 def _max_diff(a: dict, b: dict) -> float:
     assert a.keys() == b.keys()
     return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def _relative_l2(a: dict, b: dict) -> float:
+    """||a - b|| / ||b|| over all tensors together."""
+    assert a.keys() == b.keys()
+    num = sum(float(((a[k].double() - b[k].double()) ** 2).sum()) for k in a)
+    den = sum(float((b[k].double() ** 2).sum()) for k in a)
+    return (num / den) ** 0.5
 
 
 def _policy_file(kind: str, run, checkpoint: str | None = None) -> dict:
@@ -79,9 +88,19 @@ def test_weights_equal_a_ddp_run(runs, kind, engine):
     after_step_one = _policy_file(kind, runs.get(kind, "ddp"), "checkpoint-000001" if kind == "ppo" else "checkpoint-1")
     moved = _max_diff(ddp, after_step_one)
     diff = _max_diff(sharded, ddp)
-    print(f"{kind} {engine} vs DDP: max |diff| {diff:.3g} (training moved weights by up to {moved:.3g})")
+    rel = _relative_l2(sharded, ddp)
+    print(f"{kind} {engine} vs DDP: max |diff| {diff:.3g}, relative L2 {rel:.3g} "
+          f"(training moved weights by up to {moved:.3g})")
     assert moved > 1e-4  # the steps trained something
-    assert diff < 1e-5
+    # The engines sum gradients in another order (e.g. per micro-batch instead of after
+    # accumulation). That changes a gradient in its last bits, and AdamW's division by
+    # sqrt(v) + eps magnifies it where a gradient is close to zero. So single weights can differ by
+    # more than the rest. Measured on a Xeon with AVX-512-FP16 and AMX: ZeRO-2 1e-7, FSDP2 0,
+    # ZeRO-3 2.1e-5 in 2 of 69761 PPO weights (relative L2 2.2e-6). On the previous machine every
+    # engine stayed under 1e-5. A missing, doubled or misrouted reduction moves every weight:
+    # relative L2 of order 1e-2 to 1.
+    assert rel < 1e-5
+    assert diff < 1e-4
 
 
 @pytest.mark.parametrize("kind,engine", CASES)
