@@ -3,8 +3,8 @@
 Per (kind, engine), from one straight run of 3 steps, one run resumed from its first checkpoint and
 one DDP run of the same config (see conftest.py; the DDP runs are shared by all engines): the
 engine really is the one asked for; both ranks hold the same trainable weights; they equal DDP's on
-the same rollouts / batches (relative L2 under 1e-5, no weight off by 1e-4: only the order of
-floating-point reductions differs, see test_weights_equal_a_ddp_run); the
+the same rollouts / batches (L2 difference under 1e-3 of the update, no weight off by 1e-4:
+only the order of floating-point reductions differs, see test_weights_equal_a_ddp_run); the
 resumed run ends where the straight one did; the saved adapter (and PPO value head) are complete and
 equal the gathered weights.
 
@@ -38,12 +38,10 @@ def _max_diff(a: dict, b: dict) -> float:
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
-def _relative_l2(a: dict, b: dict) -> float:
-    """||a - b|| / ||b|| over all tensors together."""
+def _l2_diff(a: dict, b: dict) -> float:
+    """||a - b|| over all tensors together (float64)."""
     assert a.keys() == b.keys()
-    num = sum(float(((a[k].double() - b[k].double()) ** 2).sum()) for k in a)
-    den = sum(float((b[k].double() ** 2).sum()) for k in a)
-    return (num / den) ** 0.5
+    return sum(float(((a[k].double() - b[k].double()) ** 2).sum()) for k in a) ** 0.5
 
 
 def _policy_file(kind: str, run, checkpoint: str | None = None) -> dict:
@@ -88,18 +86,22 @@ def test_weights_equal_a_ddp_run(runs, kind, engine):
     after_step_one = _policy_file(kind, runs.get(kind, "ddp"), "checkpoint-000001" if kind == "ppo" else "checkpoint-1")
     moved = _max_diff(ddp, after_step_one)
     diff = _max_diff(sharded, ddp)
-    rel = _relative_l2(sharded, ddp)
-    print(f"{kind} {engine} vs DDP: max |diff| {diff:.3g}, relative L2 {rel:.3g} "
+    # The difference against what steps 2-3 changed: a wrong update shows at the update's scale.
+    rel = _l2_diff(sharded, ddp) / _l2_diff(ddp, after_step_one)
+    print(f"{kind} {engine} vs DDP: max |diff| {diff:.3g}, L2 diff / L2 update {rel:.3g} "
           f"(training moved weights by up to {moved:.3g})")
     assert moved > 1e-4  # the steps trained something
     # The engines sum gradients in another order (e.g. per micro-batch instead of after
     # accumulation). That changes a gradient in its last bits, and AdamW's division by
     # sqrt(v) + eps magnifies it where a gradient is close to zero. So single weights can differ by
-    # more than the rest. Measured on a Xeon with AVX-512-FP16 and AMX: ZeRO-2 1e-7, FSDP2 0,
-    # ZeRO-3 2.1e-5 in 2 of 69761 PPO weights (relative L2 2.2e-6). On the previous machine every
-    # engine stayed under 1e-5. A missing, doubled or misrouted reduction moves every weight:
-    # relative L2 of order 1e-2 to 1.
-    assert rel < 1e-5
+    # more than the rest. Measured on a Xeon with AVX-512-FP16 and AMX:
+    #   max |diff|: PPO ZeRO-2 9.7e-8, ZeRO-3 2.1e-5 (2 of 69761 weights), FSDP2 0;
+    #               SFT 4.5e-8, 2.0e-7, 6.0e-8.
+    #   L2 diff / L2 update: PPO 1.6e-6, 3.2e-5, 0; SFT 5.5e-7, 1.1e-6, 6.0e-7.
+    # On the previous machine every max |diff| stayed under 1e-5. A missing or misrouted reduction
+    # changes the update itself (ratio of order 0.1 to 1). A gradient that is only scaled does not:
+    # AdamW is scale-invariant.
+    assert rel < 1e-3
     assert diff < 1e-4
 
 

@@ -323,7 +323,7 @@ def test_bad_config_files_are_named(tmp_path):
 
 
 def test_loading_asks_transformers_for_no_hub_kernels(tiny_release, monkeypatch):
-    # transformers 5.25 kernelizes by default; on CUDA that downloads kernels-community layers at
+    # transformers 5.24/5.25 kernelize by default; on CUDA that downloads kernels-community layers at
     # load time (and fails offline). The loader must turn it off on every load, 16-bit and 4-bit.
     from transformers import PreTrainedModel
 

@@ -419,10 +419,10 @@ def _from_pretrained(base_dir: Path, config: LlavaLlamaConfig, spec, device_map)
         output_loading_info=True,
         # The base's projector is CLIP-shaped; mismatches are reported and checked by the caller.
         ignore_mismatched_sizes=True,
-        # transformers 5.25 kernelizes every load unless told not to (use_kernels None -> True). On
-        # CUDA that fetches compiled layers from the hub (kernels-community/rotary for LLaMA's
+        # transformers 5.24/5.25 kernelize every load unless told not to (use_kernels None -> True).
+        # On CUDA that fetches compiled layers from the hub (kernels-community/rotary for LLaMA's
         # rotary embedding) at load time: a download and foreign binary code nobody asked for, and
-        # offline the load fails. Seen on an H200 (README, "On a GPU"). Always off here.
+        # offline the load fails. Seen on an H200 (docs/stack-notes.md). Always off here.
         use_kernels=False,
     )
     if quantization is not None:
